@@ -1,0 +1,1 @@
+"""histosynth classifier (see the README's roadmap)."""

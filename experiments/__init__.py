@@ -1,0 +1,1 @@
+"""histosynth experiments (see the README's roadmap)."""

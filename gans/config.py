@@ -1,0 +1,161 @@
+"""Typed configuration of a GAN run: ``data``, ``model``, ``loss`` and ``train`` sections.
+
+Every key is documented here (and in ``configs/*.yaml``); ``train-gan --dry-run`` prints the
+resolved config. Unknown keys, wrong types and out-of-range values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from histosynth.config import require
+
+Choice = Literal  # alias for readability: string choices, never boolean flags
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/lung_demo/train"
+    """ImageFolder tree: one sub-folder per class of jpg/png/tif tiles (relative paths are tried
+    from the working directory, then from the histosynth checkout)."""
+    image_size: int = 64
+    """Side of the square training tiles: 32, 64 or 128. Tiles are centre-cropped to a square and
+    resized once (bicubic, antialiased) when the cache is built."""
+    stain_norm: Choice["none", "macenko"] = "none"
+    """Stain normalisation applied once when the cache is built (torchstain's Macenko)."""
+    stain_reference: Optional[str] = None
+    """Reference tile for Macenko; default: the first tile of the first class."""
+    augment: Choice["none", "flip", "flip_rot90"] = "flip_rot90"
+    """Real-image augmentation on the cached tensor each step: flips, or all 8 dihedral
+    symmetries (tissue has no 'up'). This widens the data; DiffAugment (train.diffaugment)
+    is the separate, differentiable augmentation of both real and fake images seen by D."""
+    cache: Choice["disk", "memory"] = "disk"
+    """``disk``: the decoded uint8 tiles are kept as a memory-mapped .npy in ``cache_dir`` and
+    reused by later runs; ``memory``: decoded for this run only."""
+    cache_dir: Optional[str] = None
+    """Where the disk cache lives; default $HISTOSYNTH_CACHE or ~/.cache/histosynth."""
+
+    def __post_init__(self):
+        require(self.image_size in (32, 64, 128), "image_size",
+                f"must be 32, 64 or 128 for the GAN families, got {self.image_size}")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "sngan"
+    """Registered family: dcgan | sngan | wgan_gp (``gans.list_families()``)."""
+    conditioning: Choice["class", "none"] = "class"
+    """``class``: one model makes every class (class-conditional G, projection D);
+    ``none``: unconditional (class folders are still read; labels are ignored)."""
+    z_dim: int = 128
+    """Size of the latent noise vector."""
+    ch: int = 64
+    """Base channel width; the paper settings are 64 (SNGAN/WGAN-GP) and 64 (DCGAN). Small
+    values (16-32) make CPU runs fast."""
+
+    def __post_init__(self):
+        from gans.registry import list_families
+        import gans  # noqa: F401  (make sure every family is registered)
+
+        families = list_families()
+        if self.family not in families:
+            import difflib
+            close = difflib.get_close_matches(self.family, families, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            require(False, "family", f"{self.family!r} is not a registered family{hint}; "
+                                     f"choose one of {', '.join(families)}")
+        require(1 <= self.z_dim <= 4096, "z_dim", f"must be in 1..4096, got {self.z_dim}")
+        require(1 <= self.ch <= 1024, "ch", f"must be in 1..1024, got {self.ch}")
+
+
+@dataclass
+class LossConfig:
+    type: Choice["auto", "hinge", "bce", "wasserstein", "lsgan"] = "auto"
+    """Adversarial loss; ``auto`` uses the family's paper loss (dcgan: bce (non-saturating),
+    sngan: hinge, wgan_gp: wasserstein)."""
+    gp_weight: float = 0.0
+    """Gradient-penalty weight (Gulrajani 2017: 10 for wgan_gp); 0 turns it off."""
+    label_smoothing: float = 0.0
+    """One-sided label smoothing (Salimans 2016): real targets become 1 - value (bce, lsgan)."""
+
+    def __post_init__(self):
+        require(self.gp_weight >= 0, "gp_weight", f"must be >= 0, got {self.gp_weight}")
+        require(0 <= self.label_smoothing < 0.5, "label_smoothing",
+                f"must be in [0, 0.5), got {self.label_smoothing}")
+        require(self.label_smoothing == 0 or self.type in ("bce", "lsgan", "auto"),
+                "label_smoothing", f"only applies to the bce and lsgan losses, not {self.type!r}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    """Generator updates in the whole run (each preceded by ``n_dis`` discriminator updates)."""
+    batch_size: int = 32
+    """Real images per discriminator update."""
+    seed: int = 0
+    """Seeds model init, noise, data order and augmentation; a CPU run is reproducible."""
+    checkpoint_every: int = 100
+    """Write checkpoints/last.pt every this many steps (and at the end)."""
+    sample_every: int = 100
+    """Write samples/step_XXXXXX.png every this many steps (and at the end)."""
+    log_every: int = 10
+    """Append losses to metrics.jsonl and refresh the progress bar every this many steps."""
+    n_dis: int = 1
+    """Discriminator updates per generator update (n_critic; 5 in the SNGAN and WGAN-GP papers)."""
+    lr_g: float = 2.0e-4
+    """Generator learning rate (TTUR: Heusel 2017 use lr_d > lr_g, e.g. 1e-4 / 4e-4)."""
+    lr_d: float = 2.0e-4
+    """Discriminator learning rate."""
+    betas: tuple[float, float] = (0.5, 0.999)
+    """Adam betas (DCGAN: 0.5, 0.999; SNGAN / WGAN-GP ResNets: 0.0, 0.9)."""
+    lr_schedule: Choice["constant", "linear"] = "constant"
+    """``linear``: constant until ``lr_decay_start``, then linear decay to 0 at ``steps``."""
+    lr_decay_start: int = 0
+    """Step at which the linear decay starts (``lr_schedule: linear``)."""
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average of G used for samples and generation; 0: off."""
+    ema_start: int = 0
+    """Steps before the EMA starts averaging (before that it copies G)."""
+    diffaugment: str = ""
+    """DiffAugment policy (Zhao 2020) for D's inputs, real and fake: comma-separated subset of
+    color, translation, cutout; '' turns it off. Recommended for small data sets."""
+    device: Choice["auto", "cpu", "cuda"] = "auto"
+    """``auto``: CUDA when present, else CPU."""
+    amp: Choice["auto", "bf16", "off"] = "auto"
+    """Mixed precision autocast; ``auto``: bf16 on CUDA GPUs that support it, off on CPU."""
+    channels_last: Choice["auto", "on", "off"] = "auto"
+    """NHWC memory layout; ``auto``: on for CUDA."""
+    samples_per_class: int = 8
+    """Columns of the sample grid (one row per class, fixed noise)."""
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "checkpoint_every", "sample_every", "log_every",
+                    "n_dis", "samples_per_class"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(self.lr_g > 0, "lr_g", f"must be > 0, got {self.lr_g}")
+        require(self.lr_d > 0, "lr_d", f"must be > 0, got {self.lr_d}")
+        require(all(0 <= b < 1 for b in self.betas), "betas", f"each must be in [0, 1), got {self.betas}")
+        require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        require(self.ema_start >= 0, "ema_start", f"must be >= 0, got {self.ema_start}")
+        require(0 <= self.lr_decay_start <= self.steps, "lr_decay_start",
+                f"must be in [0, steps={self.steps}], got {self.lr_decay_start}")
+        from gans.diffaugment import POLICIES
+        bad = [p for p in self.diffaugment.split(",") if p.strip() and p.strip() not in POLICIES]
+        require(not bad, "diffaugment", f"unknown policy {', '.join(bad)}; use a comma-separated "
+                                        f"subset of {', '.join(POLICIES)} or ''")
+
+
+@dataclass
+class GANConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.loss.type == "auto":
+            from gans.registry import get_family
+            self.loss.type = get_family(self.model.family).default_loss
+        require(self.loss.label_smoothing == 0 or self.loss.type in ("bce", "lsgan"),
+                "loss.label_smoothing", f"only applies to the bce and lsgan losses, not {self.loss.type!r}")

@@ -1,0 +1,167 @@
+"""Building blocks shared by the GAN families: conditional BN, ResNet up/down blocks, projection.
+
+Shapes in comments: B batch, C channels, H x W spatial size, K number of classes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+def maybe_sn(module: nn.Module, enabled: bool) -> nn.Module:
+    """Spectral normalisation (Miyato 2018, one power iteration per step) when ``enabled``."""
+    return spectral_norm(module) if enabled else module
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm whose scale and shift are looked up per class (num_classes=0: plain affine BN)."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.bn = nn.BatchNorm2d(channels, affine=num_classes == 0)
+        if num_classes:
+            self.gamma = nn.Embedding(num_classes, channels)
+            self.beta = nn.Embedding(num_classes, channels)
+            nn.init.ones_(self.gamma.weight)
+            nn.init.zeros_(self.beta.weight)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        h = self.bn(x)                                          # B x C x H x W
+        if self.num_classes:
+            g = self.gamma(y)[:, :, None, None]                 # B x C x 1 x 1
+            b = self.beta(y)[:, :, None, None]
+            h = h * g + b
+        return h
+
+
+class GBlock(nn.Module):
+    """Pre-activation ResNet up-block: BN-ReLU-up-conv3-BN-ReLU-conv3, shortcut up-conv1."""
+
+    def __init__(self, cin: int, cout: int, num_classes: int, upsample: bool = True):
+        super().__init__()
+        self.upsample = upsample
+        self.bn1 = ConditionalBatchNorm2d(cin, num_classes)
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
+        self.bn2 = ConditionalBatchNorm2d(cout, num_classes)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        self.shortcut = nn.Conv2d(cin, cout, 1) if (cin != cout or upsample) else nn.Identity()
+        nn.init.xavier_uniform_(self.conv1.weight, 2 ** 0.5)
+        nn.init.xavier_uniform_(self.conv2.weight, 2 ** 0.5)
+
+    def _up(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2, mode="nearest") if self.upsample else x
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        h = self.conv1(self._up(F.relu(self.bn1(x, y))))      # B x cout x 2H x 2W
+        h = self.conv2(F.relu(self.bn2(h, y)))
+        return h + self.shortcut(self._up(x))
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    """Critic normalisation: 'none' or 'layer' (LayerNorm over C,H,W as GroupNorm(1, C))."""
+    return nn.GroupNorm(1, channels) if kind == "layer" else nn.Identity()
+
+
+class DBlock(nn.Module):
+    """Pre-activation ResNet down-block: ReLU-conv3-ReLU-conv3-avgpool, shortcut conv1-avgpool.
+
+    ``first=True`` is the 'optimized' input block of Miyato 2018: no ReLU on the raw image, and the
+    shortcut pools before its 1x1 conv.
+    """
+
+    def __init__(self, cin: int, cout: int, downsample: bool = True, first: bool = False,
+                 sn: bool = True, norm: str = "none"):
+        super().__init__()
+        self.downsample, self.first = downsample, first
+        self.conv1 = maybe_sn(nn.Conv2d(cin, cout, 3, 1, 1), sn)
+        self.conv2 = maybe_sn(nn.Conv2d(cout, cout, 3, 1, 1), sn)
+        self.norm1, self.norm2 = _norm(norm, cin if not first else cout), _norm(norm, cout)
+        learn_sc = cin != cout or downsample
+        self.shortcut = maybe_sn(nn.Conv2d(cin, cout, 1), sn) if learn_sc else nn.Identity()
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, 2) if self.downsample else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            h = self.conv2(F.relu(self.norm1(self.conv1(x))))
+            return self._down(h) + self.shortcut(self._down(x))
+        h = self.conv1(F.relu(self.norm1(x)))
+        h = self.conv2(F.relu(self.norm2(h)))
+        return self._down(h) + self._down(self.shortcut(x))
+
+
+class ProjectionHead(nn.Module):
+    """Logit = w . phi(x) + embed(y) . phi(x) (projection discriminator, Miyato & Koyama 2018)."""
+
+    def __init__(self, channels: int, num_classes: int, sn: bool = True):
+        super().__init__()
+        self.linear = maybe_sn(nn.Linear(channels, 1), sn)
+        self.embed = maybe_sn(nn.Embedding(num_classes, channels), sn) if num_classes else None
+
+    def forward(self, feat: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        out = self.linear(feat).squeeze(1)                     # B
+        if self.embed is not None:
+            out = out + (self.embed(y) * feat).sum(1)
+        return out
+
+
+def resnet_widths(image_size: int, ch: int, kind: str) -> list[int]:
+    """Channel widths of the ResNet G ('g') or D ('d') of SNGAN / WGAN-GP at ``image_size``.
+
+    32 px follows the CIFAR models (G: 4*ch everywhere, D: 2*ch everywhere; ch=64 gives mimicry's
+    SNGAN-32 with ngf 256 / ndf 128); 64 and 128 px follow Miyato 2018's ImageNet models.
+    """
+    table = {
+        ("g", 32): [4, 4, 4, 4], ("d", 32): [2, 2, 2, 2],
+        ("g", 64): [16, 8, 4, 2, 1], ("d", 64): [1, 2, 4, 8, 16],
+        ("g", 128): [16, 16, 8, 4, 2, 1], ("d", 128): [1, 2, 4, 8, 16, 16],
+    }
+    if (kind, image_size) not in table:
+        raise ValueError(f"image_size {image_size} is not supported; choose 32, 64 or 128")
+    return [m * ch for m in table[(kind, image_size)]]
+
+
+class ResNetGenerator(nn.Module):
+    """z (B x z_dim), y (B) -> image B x 3 x S x S in [-1, 1]; starts at 4x4 and doubles."""
+
+    def __init__(self, image_size: int, num_classes: int, z_dim: int, ch: int):
+        super().__init__()
+        self.z_dim, self.num_classes, self.image_size = z_dim, num_classes, image_size
+        widths = resnet_widths(image_size, ch, "g")
+        self.fc = nn.Linear(z_dim, 4 * 4 * widths[0])
+        self.blocks = nn.ModuleList(GBlock(a, b, num_classes) for a, b in zip(widths, widths[1:]))
+        self.bn = nn.BatchNorm2d(widths[-1])
+        self.out = nn.Conv2d(widths[-1], 3, 3, 1, 1)
+        nn.init.xavier_uniform_(self.fc.weight)
+        nn.init.xavier_uniform_(self.out.weight)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.fc(z).view(z.shape[0], -1, 4, 4)               # B x C0 x 4 x 4
+        for block in self.blocks:
+            h = block(h, y)                                     # doubles H, W
+        return torch.tanh(self.out(F.relu(self.bn(h))))         # B x 3 x S x S
+
+
+class ResNetDiscriminator(nn.Module):
+    """image B x 3 x S x S, y (B) -> logit B; ReLU, global sum pooling, projection head."""
+
+    def __init__(self, image_size: int, num_classes: int, ch: int, sn: bool, norm: str = "none"):
+        super().__init__()
+        self.num_classes = num_classes
+        widths = resnet_widths(image_size, ch, "d")
+        # 32 px: two down-sampling blocks then two at 8x8; 64/128: every block but the last halves
+        n_down = 2 if image_size == 32 else len(widths) - 1
+        blocks = [DBlock(3, widths[0], downsample=True, first=True, sn=sn, norm=norm)]
+        for i, (a, b) in enumerate(zip(widths, widths[1:]), start=1):
+            blocks.append(DBlock(a, b, downsample=i < n_down, sn=sn, norm=norm))
+        self.blocks = nn.Sequential(*blocks)
+        self.head = ProjectionHead(widths[-1], num_classes, sn=sn)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.relu(self.blocks(x))                              # B x C x h x w
+        return self.head(h.sum(dim=(2, 3)), y)                  # B

@@ -1,0 +1,260 @@
+"""The one training loop every family shares (DCGAN, SNGAN, WGAN-GP; CycleGAN plugs in the same way).
+
+The loop owns what is common: device and precision, EMA copies of the generator(s), learning-rate
+schedules, the progress bar, ``metrics.jsonl`` (and TensorBoard when installed), sample grids,
+atomic checkpoints, resume and the NaN guard. Model-specific maths lives in a *task* object with
+``d_step()`` / ``g_step()`` (see :class:`gans.losses.GANTask`), which exposes:
+
+``modules`` (name -> nn.Module), ``optimizers`` (name -> Optimizer), ``ema_names``, ``n_dis``,
+``sample_grid(gens)``, ``extra_state()`` / ``load_extra_state()``.
+
+Run directory::
+
+    RUN/config.yaml            resolved config (every key, defaults filled in)
+    RUN/checkpoints/last.pt    G, D, EMA, optimizers, schedulers, step, RNG and data-order state
+    RUN/samples/step_XXXXXX.png  one row per class, fixed noise, EMA generator
+    RUN/metrics.jsonl          one JSON line per log interval
+    RUN/loss.png               loss curves
+    RUN/data.json              classes, counts and skipped files of the training data
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from histosynth.checkpoint import CheckpointError, atomic_save, safe_load
+from histosynth.config import dump_yaml, to_dict
+from histosynth.runtime import Runtime
+from histosynth.viz import plot_curves, save_grid
+
+CHECKPOINT_FORMAT = "histosynth/1"
+
+
+class RunDirError(RuntimeError):
+    """The output folder cannot be used as asked (exists, or is not a run); says what to pass."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or Inf; training stopped and the last good checkpoint was kept."""
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path: return self.root / "config.yaml"
+    @property
+    def checkpoint(self) -> Path: return self.root / "checkpoints" / "last.pt"
+    @property
+    def samples(self) -> Path: return self.root / "samples"
+    @property
+    def metrics(self) -> Path: return self.root / "metrics.jsonl"
+
+
+def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> RunPaths:
+    """Check that ``out`` may be written: new/empty, or ``--resume``, or ``--overwrite``."""
+    paths = RunPaths(Path(out))
+    if resume:
+        if not paths.config.is_file():
+            raise RunDirError(f"cannot resume: {out} has no config.yaml (is it a histosynth run "
+                              "directory?)")
+        return paths
+    if paths.root.exists() and any(paths.root.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"{out} already exists and is not empty; pass --resume {out} to "
+                              "continue that run, --overwrite to replace it, or another --out")
+        shutil.rmtree(paths.root)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def _lr_lambda(schedule: str, decay_start: int, total: int):
+    if schedule == "constant":
+        return lambda step: 1.0
+    span = max(total - decay_start, 1)
+    return lambda step: 1.0 if step < decay_start else max(0.0, 1.0 - (step - decay_start) / span)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_finite(modules: dict[str, torch.nn.Module]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for m in modules.values() for p in m.parameters())
+
+
+def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """Train ``task_factory(cfg, rt)``'s task for ``cfg.train.steps`` steps into ``paths``.
+
+    Returns a summary: final step, seconds, last logged losses. Raises NonFiniteLossError (after
+    keeping the last good checkpoint) when a loss turns NaN/Inf.
+    """
+    t = cfg.train
+    rt = Runtime.from_choices(t.device, t.amp, t.channels_last)
+    torch.manual_seed(t.seed)
+    if rt.device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    task = task_factory(cfg, rt)
+
+    emas = {n: AveragedModel(task.modules[n], multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay),
+                             use_buffers=True) for n in task.ema_names} if t.ema_decay > 0 else {}
+    lr_fn = _lr_lambda(t.lr_schedule, t.lr_decay_start, t.steps)
+    scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, lr_fn) for n, o in task.optimizers.items()}
+
+    start = 0
+    if resume and paths.checkpoint.is_file():
+        ck = safe_load(paths.checkpoint, map_location=rt.device)
+        if ck.get("format") != CHECKPOINT_FORMAT or ck.get("family") != family:
+            raise CheckpointError(f"{paths.checkpoint} holds a {ck.get('family')!r} model, not "
+                                  f"{family!r}; point --resume at a run of the same family")
+        for n, m in task.modules.items():
+            m.load_state_dict(ck["modules"][n])
+        for n, e in emas.items():
+            e.load_state_dict(ck["ema"][n])
+        for n, o in task.optimizers.items():
+            o.load_state_dict(ck["optimizers"][n])
+        for n, s in scheds.items():
+            s.load_state_dict(ck["schedulers"][n])
+        task.load_extra_state(ck["extra"])
+        _set_rng_state(ck["rng"])
+        start = int(ck["step"])
+        _truncate_metrics(paths.metrics, start)
+    paths.config.write_text(dump_yaml(cfg))
+
+    def save_checkpoint(step: int) -> None:
+        atomic_save({
+            "format": CHECKPOINT_FORMAT, "family": family, "step": step, "config": to_dict(cfg),
+            "modules": {n: m.state_dict() for n, m in task.modules.items()},
+            "ema": {n: e.state_dict() for n, e in emas.items()},
+            "optimizers": {n: o.state_dict() for n, o in task.optimizers.items()},
+            "schedulers": {n: s.state_dict() for n, s in scheds.items()},
+            "rng": _rng_state(), "extra": task.extra_state(),
+        }, paths.checkpoint)
+
+    def save_samples(step: int) -> None:
+        gens = {n: (emas[n].module if n in emas else task.modules[n]) for n in task.ema_names}
+        imgs, nrow, labels = task.sample_grid(gens)
+        save_grid(imgs, nrow, labels, paths.samples / f"step_{step:06d}.png")
+
+    tb = _tensorboard(paths.root)
+    sums: dict[str, torch.Tensor] = {}
+    n_acc, last_logged = 0, {}
+    t_log = t0 = time.perf_counter()
+    last_good = start if paths.checkpoint.is_file() else None
+    bar = tqdm(total=t.steps, initial=start, unit="step", desc=f"{family}", disable=not progress,
+               dynamic_ncols=True, mininterval=1.0)
+    step = start
+    try:
+        with paths.metrics.open("a") as log:
+            while step < t.steps:
+                out: dict[str, torch.Tensor] = {}
+                for _ in range(task.n_dis):
+                    out.update(task.d_step())
+                out.update(task.g_step())
+                for n, e in emas.items():
+                    if step < t.ema_start:
+                        e.n_averaged.zero_()      # copy G until the EMA starts
+                    e.update_parameters(task.modules[n])
+                for s in scheds.values():
+                    s.step()
+                step += 1
+                for k, v in out.items():        # accumulate on device: no sync per step
+                    sums[k] = sums[k] + v if k in sums else v.clone()
+                n_acc += 1
+
+                if step % t.log_every == 0 or step == t.steps:
+                    row = {k: v.item() / n_acc for k, v in sums.items()}
+                    _check_finite(row, step, last_good, paths)
+                    now = time.perf_counter()
+                    row = {"step": step, **row,
+                           "lr_g": next(iter(task.optimizers.values())).param_groups[0]["lr"],
+                           "sec_per_step": (now - t_log) / n_acc,
+                           "real_img_per_s": n_acc * task.n_dis * t.batch_size / (now - t_log)}
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    if tb is not None:
+                        for k, v in row.items():
+                            if k != "step":
+                                tb.add_scalar(k, v, step)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in row.items()
+                                     if k.startswith(("loss", "gp"))}, refresh=False)
+                    sums, n_acc, t_log, last_logged = {}, 0, now, row
+                if step % t.sample_every == 0 or step == t.steps:
+                    save_samples(step)
+                if step % t.checkpoint_every == 0 or step == t.steps:
+                    if sums:                     # losses since the last log: check before saving
+                        _check_finite({k: v.item() for k, v in sums.items()}, step, last_good, paths)
+                    if not _all_finite(task.modules):
+                        raise NonFiniteLossError(_nan_message("a weight", step, last_good, paths))
+                    save_checkpoint(step)
+                    last_good = step
+                bar.update(1)
+    finally:
+        bar.close()
+        if tb is not None:
+            tb.close()
+        if paths.metrics.is_file():
+            try:
+                plot_curves(paths.metrics, paths.root / "loss.png")
+            except Exception:  # a plot must never hide the real outcome of a run
+                pass
+    return {"step": step, "seconds": time.perf_counter() - t0, "last": last_logged,
+            "device": rt.describe()}
+
+
+def _nan_message(what: str, step: int, last_good: int | None, paths: RunPaths) -> str:
+    kept = (f"the last good checkpoint {paths.checkpoint} (step {last_good}) was kept"
+            if last_good is not None else "no checkpoint had been written yet")
+    return (f"{what} became NaN/Inf at step {step}; training stopped and {kept}. Lower the "
+            "learning rates, turn amp off, or resume from the checkpoint with --resume.")
+
+
+def _check_finite(row: dict[str, float], step: int, last_good: int | None, paths: RunPaths) -> None:
+    bad = [k for k, v in row.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteLossError(_nan_message(", ".join(bad), step, last_good, paths))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines a killed run wrote after its last checkpoint, so steps are not repeated."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line torn by the kill
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def _tensorboard(root: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(root / "tb"))

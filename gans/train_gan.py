@@ -1,0 +1,98 @@
+"""train-gan: train a (class-conditional) GAN from one YAML config.
+
+    train-gan --cfg sngan.yaml --out runs/sngan --set train.steps=200
+    train-gan --resume runs/sngan            # continue to the configured final step
+    train-gan --cfg sngan.yaml --dry-run     # print the resolved config
+
+Bare config names are looked up in configs/. Also runs as ``python gans/train_gan.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python gans/train_gan.py` without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gans.config import GANConfig  # noqa: E402
+from gans.loop import NonFiniteLossError, RunDirError, prepare_run_dir, run_training  # noqa: E402
+from histosynth import config as configlib  # noqa: E402
+from histosynth.cli import register_user_error, run_cli  # noqa: E402
+from histosynth.data import TileCache, default_cache_dir  # noqa: E402
+from histosynth.paths import resolve_data_path  # noqa: E402
+
+register_user_error(RunDirError, NonFiniteLossError)
+
+
+def load_data(cfg: GANConfig, progress: bool = True) -> TileCache:
+    d = cfg.data
+    cache_dir = None
+    if d.cache == "disk":
+        cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
+    ref = str(resolve_data_path(d.stain_reference)) if d.stain_reference else None
+    return TileCache.build(resolve_data_path(d.root), d.image_size, d.stain_norm, ref,
+                           cache_dir, progress=progress)
+
+
+def train_gan(cfg: GANConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+              progress: bool = True) -> dict:
+    """Train ``cfg`` into run directory ``out``; returns the loop's summary."""
+    from gans.losses import GANTask
+
+    paths = prepare_run_dir(out, resume, overwrite)
+    data = load_data(cfg, progress)
+    (paths.root / "data.json").write_text(json.dumps({
+        "root": str(resolve_data_path(cfg.data.root)), "classes": data.classes,
+        "counts": data.class_counts(), "skipped": data.skipped}, indent=1))
+    return run_training(cfg, lambda c, rt: GANTask(c, data, rt), paths, cfg.model.family,
+                        resume=resume, progress=progress)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train-gan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", help="YAML config (bare names resolve in configs/)")
+    p.add_argument("--out", help="run directory (default: runs/<config>-<time>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.steps=200 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR to its final step")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.resume:
+        if args.cfg:
+            raise configlib.ConfigError("", "--resume uses the run's own config.yaml; drop --cfg "
+                                            "(use --set to change a key, e.g. train.steps)")
+        cfg, _, _ = configlib.load(GANConfig, Path(args.resume) / "config.yaml", args.set)
+        out = args.resume
+    else:
+        if not args.cfg:
+            raise configlib.ConfigError("", "give --cfg CONFIG (e.g. --cfg sngan.yaml) or --resume RUN_DIR")
+        cfg, _, path = configlib.load(GANConfig, args.cfg, args.set)
+        out = args.out or f"runs/{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.dry_run:
+        print(configlib.dump_yaml(cfg), end="")
+        return 0
+    summary = train_gan(cfg, out, resume=bool(args.resume), overwrite=args.overwrite,
+                        progress=not args.no_progress)
+    last = ", ".join(f"{k} {v:.4g}" for k, v in summary["last"].items() if k.startswith("loss"))
+    print(f"train-gan: finished step {summary['step']} in {summary['seconds']:.0f} s on "
+          f"{summary['device']} ({last}); run directory: {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli("train-gan", lambda: _main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Shared core of histosynth: typed configs, image reading, tile cache, checkpoints."""

@@ -1,0 +1,220 @@
+"""Tiles decoded once into a uint8 cache, sampled in a resumable order, augmented on the tensor.
+
+Training never decodes an image file: :class:`TileCache` decodes a folder once (optionally Macenko
+stain-normalised, resized to a square of ``image_size``) into an ``N x 3 x S x S`` uint8 array.
+With ``cache_dir`` set, that array is a ``.npy`` file memory-mapped on later runs (keyed by the
+file list, sizes, modification times and the preprocessing settings), so memory stays flat for
+large sets and a second run starts at once.
+
+:class:`BatchSampler` draws epochs of seeded permutations; its ``state_dict`` goes into training
+checkpoints, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from histosynth.images import UnreadableImage, open_rgb, scan_image_folder, warn_skipped
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HISTOSYNTH_CACHE", Path.home() / ".cache" / "histosynth"))
+
+
+class MacenkoStain:
+    """Macenko stain normalisation to a reference tile (torchstain, torch backend)."""
+
+    def __init__(self, reference: np.ndarray):
+        from torchstain.torch.normalizers.macenko import TorchMacenkoNormalizer
+
+        self.norm = TorchMacenkoNormalizer()
+        self.norm.fit(torch.from_numpy(reference).permute(2, 0, 1).contiguous())
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        """Normalise ``H x W x 3`` uint8; raises when the tile has too little stained tissue."""
+        out, _, _ = self.norm.normalize(torch.from_numpy(rgb).permute(2, 0, 1).contiguous(),
+                                        stains=False)
+        return out.clamp(0, 255).to(torch.uint8).numpy()
+
+
+def square_resize(img: Image.Image, size: int) -> np.ndarray:
+    """Centre-crop to a square and resize (bicubic, antialiased) to ``size``; ``S x S x 3`` uint8."""
+    if img.size != (size, size):
+        img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+@dataclass
+class TileCache:
+    """Decoded tiles of an ImageFolder tree: ``images[i]`` is ``3 x S x S`` uint8, ``labels[i]``."""
+
+    images: np.ndarray          # N x 3 x S x S uint8 (maybe a read-only memmap)
+    labels: np.ndarray          # N int64
+    classes: list[str]
+    files: list[str]
+    skipped: list[tuple[str, str]]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        return {c: int(n) for c, n in zip(self.classes, counts)}
+
+    @classmethod
+    def build(cls, root: str | Path, image_size: int, stain_norm: str = "none",
+              stain_reference: str | None = None, cache_dir: str | Path | None = None,
+              progress: bool = True) -> "TileCache":
+        root = Path(root)
+        classes, items = scan_image_folder(root)
+        key = _cache_key(root, items, image_size, stain_norm, stain_reference)
+        npy = json_path = None
+        if cache_dir is not None:
+            cache_dir = Path(cache_dir)
+            npy, json_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+            if npy.is_file() and json_path.is_file():
+                meta = json.loads(json_path.read_text())
+                images = np.load(npy, mmap_mode="r")
+                skipped = [tuple(s) for s in meta["skipped"]]
+                warn_skipped(skipped, str(root))
+                return cls(images, np.asarray(meta["labels"], dtype=np.int64), meta["classes"],
+                           meta["files"], skipped)
+
+        normalise = None
+        if stain_norm == "macenko":
+            ref_path = Path(stain_reference) if stain_reference else items[0][0]
+            normalise = MacenkoStain(np.asarray(open_rgb(ref_path)))
+        arrays, labels, files, skipped = [], [], [], []
+        stain_failures = 0
+        for path, label in tqdm(items, desc=f"decoding {root.name}", unit="img",
+                                disable=not progress, leave=False):
+            try:
+                rgb = np.asarray(open_rgb(path))
+            except UnreadableImage as e:
+                skipped.append((str(path), str(e)))
+                continue
+            if normalise is not None:
+                try:
+                    rgb = normalise(rgb)
+                except Exception:  # background-only tiles have no stain vectors to fit
+                    stain_failures += 1
+            arrays.append(square_resize(Image.fromarray(rgb), image_size).transpose(2, 0, 1))
+            labels.append(label)
+            files.append(str(path.relative_to(root)))
+        warn_skipped(skipped, str(root))
+        if stain_failures:
+            import warnings
+            warnings.warn(f"Macenko normalisation failed on {stain_failures} tile(s) of {root} "
+                          "(too little stained tissue); they were kept unnormalised", stacklevel=2)
+        present = set(labels)
+        missing = [c for i, c in enumerate(classes) if i not in present]
+        if missing:
+            from histosynth.images import DataError
+            raise DataError(f"no readable image in class folder(s) {', '.join(missing)} of {root}")
+        images = np.stack(arrays)
+        labels_np = np.asarray(labels, dtype=np.int64)
+        if npy is not None:
+            _atomic_save_npy(npy, images)
+            meta = {"version": CACHE_VERSION, "root": str(root), "classes": classes,
+                    "files": files, "labels": labels, "skipped": skipped}
+            tmp = json_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, json_path)
+        return cls(images, labels_np, classes, files, skipped)
+
+
+def _cache_key(root: Path, items, image_size, stain_norm, stain_reference) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_VERSION, str(root.resolve()), image_size, stain_norm,
+                         str(stain_reference)]).encode())
+    if stain_reference:
+        st = Path(stain_reference).stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    for path, label in items:
+        st = path.stat()
+        h.update(f"{path.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class BatchSampler:
+    """Endless batches of indices from seeded epoch permutations; resumable via state_dict."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n <= 0:
+            raise ValueError("cannot sample from an empty set")
+        self.n, self.batch_size = n, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(n, generator=self.gen)
+        self.pos = 0
+        self.epoch = 0
+
+    def next(self) -> torch.Tensor:
+        out, need = [], self.batch_size
+        while need:
+            if self.pos >= self.n:
+                self.perm = torch.randperm(self.n, generator=self.gen)
+                self.pos, self.epoch = 0, self.epoch + 1
+            take = min(need, self.n - self.pos)
+            out.append(self.perm[self.pos:self.pos + take])
+            self.pos, need = self.pos + take, need - take
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "perm": self.perm.clone(), "pos": self.pos,
+                "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.perm, self.pos, self.epoch = state["perm"].clone(), int(state["pos"]), int(state["epoch"])
+
+
+def flip_rot90(x: torch.Tensor, gen: torch.Generator, mode: str) -> torch.Tensor:
+    """Random dihedral augmentation of a ``B x C x H x W`` batch (histology has no 'up').
+
+    ``mode``: ``none`` | ``flip`` (horizontal and vertical flips) | ``flip_rot90`` (all 8
+    symmetries of the square). Decisions are drawn from ``gen`` on the CPU, so they are
+    reproducible and independent of the device ``x`` lives on.
+    """
+    if mode == "none":
+        return x
+    b = x.shape[0]
+    r = torch.rand(b, 3, generator=gen)
+    hflip = (r[:, 0] < 0.5).to(x.device).view(b, 1, 1, 1)
+    vflip = (r[:, 1] < 0.5).to(x.device).view(b, 1, 1, 1)
+    x = torch.where(hflip, x.flip(3), x)
+    x = torch.where(vflip, x.flip(2), x)
+    if mode == "flip_rot90" and x.shape[2] == x.shape[3]:
+        rot = (r[:, 2] < 0.5).to(x.device).view(b, 1, 1, 1)
+        x = torch.where(rot, x.transpose(2, 3), x)
+    return x
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255] (rounded, clamped)."""
+    return x.detach().float().add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)

@@ -1,0 +1,1 @@
+"""histosynth metrics (see the README's roadmap)."""
