@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gans.layers import ProjectionHead
 from gans.registry import register_family
 
 
@@ -60,14 +59,14 @@ class DCGANDiscriminator(nn.Module):
             c *= 2
         self.features = nn.Sequential(*layers)           # B x c x 4 x 4
         self.final = nn.Conv2d(c, 1, 4, 1, 0)            # the paper's last layer: B x 1 x 1 x 1
-        self.proj = ProjectionHead(c, num_classes, sn=False) if num_classes else None
+        self.embed = nn.Embedding(num_classes, c) if num_classes else None  # projection term
         self.apply(_init)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = self.features(x)
         out = self.final(h).flatten()                    # B
-        if self.proj is not None:
-            out = out + self.proj.embed(y).mul(h.sum(dim=(2, 3))).sum(1)
+        if self.embed is not None:
+            out = out + (self.embed(y) * h.sum(dim=(2, 3))).sum(1)
         return out
 
 

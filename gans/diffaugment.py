@@ -51,7 +51,8 @@ def _cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
     cx = torch.randint(0, w + (1 - cw % 2), (b, 1, 1), device=x.device)
     ys = torch.arange(h, device=x.device).view(1, h, 1)
     xs = torch.arange(w, device=x.device).view(1, 1, w)
-    inside = ((ys - cy).abs() < ch // 2) & ((xs - cx).abs() < cw // 2)    # B x H x W
+    dy, dx = ys - cy, xs - cx                                  # hole: [c - side/2, c + side/2), clipped
+    inside = (dy >= -(ch // 2)) & (dy < ch - ch // 2) & (dx >= -(cw // 2)) & (dx < cw - cw // 2)
     return x * (~inside).unsqueeze(1).to(x.dtype)
 
 

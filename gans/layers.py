@@ -79,7 +79,9 @@ class DBlock(nn.Module):
         self.downsample, self.first = downsample, first
         self.conv1 = maybe_sn(nn.Conv2d(cin, cout, 3, 1, 1), sn)
         self.conv2 = maybe_sn(nn.Conv2d(cout, cout, 3, 1, 1), sn)
-        self.norm1, self.norm2 = _norm(norm, cin if not first else cout), _norm(norm, cout)
+        # the optimized first block normalises once, after its first conv
+        self.norm1 = _norm(norm, cout if first else cin)
+        self.norm2 = nn.Identity() if first else _norm(norm, cout)
         learn_sc = cin != cout or downsample
         self.shortcut = maybe_sn(nn.Conv2d(cin, cout, 1), sn) if learn_sc else nn.Identity()
 

@@ -71,6 +71,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.cfg:
             raise configlib.ConfigError("", "--resume uses the run's own config.yaml; drop --cfg "
                                             "(use --set to change a key, e.g. train.steps)")
+        prepare_run_dir(args.resume, resume=True, overwrite=False)   # is it a run at all?
         cfg, _, _ = configlib.load(GANConfig, Path(args.resume) / "config.yaml", args.set)
         out = args.resume
     else:

@@ -1,0 +1,128 @@
+"""gan-generate: write N synthetic tiles per class from a trained run as an ImageFolder tree.
+
+    gan-generate --run runs/sngan --per-class 50 --out synth/
+
+Writes ``OUT/<class>/<class>_00000.png ...`` and ``OUT/manifest.csv`` with one row per tile: file,
+class, seed (the tile's own noise seed: the same seed gives the same tile), checkpoint sha256,
+step, family and the tile's own sha256 (so later stages can verify the set is untouched).
+Also runs as ``python -m gans.generate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from gans.config import GANConfig
+from gans.loop import CHECKPOINT_FORMAT, RunDirError
+from gans.registry import create_model, list_families
+from histosynth import config as configlib
+from histosynth.checkpoint import CheckpointError, safe_load, sha256_file
+from histosynth.cli import register_user_error, run_cli
+from histosynth.data import to_uint8
+
+register_user_error(RunDirError)
+
+MANIFEST_FIELDS = ["file", "class", "seed", "checkpoint_sha256", "step", "family", "sha256"]
+
+
+def load_generator(run: str | Path, weights: str = "ema", device: str = "cpu"):
+    """(generator in eval mode, classes, checkpoint dict, checkpoint path) of a GAN run."""
+    run = Path(run)
+    ck_path = run / "checkpoints" / "last.pt"
+    if not (run / "config.yaml").is_file():
+        raise RunDirError(f"{run} is not a histosynth run directory (no config.yaml)")
+    ck = safe_load(ck_path)
+    family = ck.get("family")
+    if ck.get("format") != CHECKPOINT_FORMAT or family not in list_families():
+        raise CheckpointError(f"{ck_path} holds a {family!r} model; gan-generate needs one of "
+                              f"{', '.join(list_families())}")
+    cfg, _, _ = configlib.load(GANConfig, None, base=ck["config"])
+    num_classes = int(ck["extra"]["num_classes"])
+    G, _ = create_model(family, cfg.data.image_size, num_classes, cfg.model.z_dim, cfg.model.ch)
+    if weights == "ema" and ck["ema"].get("G"):
+        state = {k[len("module."):]: v for k, v in ck["ema"]["G"].items() if k.startswith("module.")}
+    else:
+        state = ck["modules"]["G"]
+    G.load_state_dict(state)
+    classes = list(ck["extra"]["classes"]) if num_classes else ["all"]
+    return G.to(device).eval(), classes, ck, ck_path
+
+
+@torch.no_grad()
+def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
+             weights: str = "ema", batch_size: int = 64, overwrite: bool = False,
+             device: str = "auto", progress: bool = True) -> Path:
+    """Write ``per_class`` tiles of every class into ``out``; returns the manifest path."""
+    if per_class < 1:
+        raise configlib.ConfigError("--per-class", f"must be >= 1, got {per_class}")
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    G, classes, ck, ck_path = load_generator(run, weights, dev)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    ck_sha = sha256_file(ck_path)
+    jobs = [(c, j, seed + ci * per_class + j) for ci, c in enumerate(classes) for j in range(per_class)]
+    rows = []
+    bar = tqdm(total=len(jobs), desc="generating", unit="tile", disable=not progress)
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        z = torch.stack([torch.randn(G.z_dim, generator=torch.Generator().manual_seed(s))
+                         for _, _, s in chunk]).to(dev)
+        y = (torch.tensor([classes.index(c) for c, _, _ in chunk], device=dev)
+             if G.num_classes else None)
+        imgs = to_uint8(G(z, y)).permute(0, 2, 3, 1).cpu().numpy()   # B x S x S x 3
+        for (c, j, s), img in zip(chunk, imgs):
+            rel = Path(c) / f"{c}_{j:05d}.png"
+            (out / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(out / rel)
+            rows.append({"file": rel.as_posix(), "class": c, "seed": s, "checkpoint_sha256": ck_sha,
+                         "step": int(ck["step"]), "family": ck["family"],
+                         "sha256": sha256_file(out / rel)})
+        bar.update(len(chunk))
+    bar.close()
+    manifest = out / "manifest.csv"
+    tmp = out / ".manifest.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gan-generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory written by train-gan")
+    p.add_argument("--per-class", type=int, required=True, help="tiles per class")
+    p.add_argument("--out", required=True, help="output folder (ImageFolder tree + manifest.csv)")
+    p.add_argument("--seed", type=int, default=0, help="first noise seed (tile k uses seed + k)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                   help="EMA generator (default) or the raw trained weights")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    def _run() -> int:
+        manifest = generate(args.run, args.out, args.per_class, args.seed, args.weights,
+                            args.batch_size, args.overwrite, args.device, not args.no_progress)
+        print(f"gan-generate: wrote {args.per_class} tiles per class to {args.out}; manifest {manifest}")
+        return 0
+
+    return run_cli("gan-generate", _run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Shared fixtures: real tiles (the team's shared bundle when present, else the bundled demo)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from histosynth import config as configlib
+from histosynth.config import PROJECT_ROOT
+
+SHARED = Path(os.environ.get("HISTOSYNTH_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+DEMO = PROJECT_ROOT / "data" / "lung_demo"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HISTOSYNTH_CACHE", str(tmp_path_factory.getbasetemp() / "tile-cache"))
+
+
+@pytest.fixture(scope="session")
+def crc_mini() -> Path:
+    """32 real CRC tiles in 8 class folders (../shared/data/crc_mini), or the bundled lung demo."""
+    p = SHARED / "crc_mini"
+    return p if p.is_dir() else DEMO / "train"
+
+
+@pytest.fixture(scope="session")
+def lung_train() -> Path:
+    p = SHARED / "lung" / "train"
+    return p if p.is_dir() else DEMO / "train"
+
+
+@pytest.fixture
+def tile_folder(tmp_path, crc_mini) -> Path:
+    """A writable copy of three classes of real tiles (4 per class at most)."""
+    dst = tmp_path / "tiles"
+    for cls in sorted(d for d in crc_mini.iterdir() if d.is_dir())[:3]:
+        (dst / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[:4]:
+            shutil.copy(f, dst / cls.name / f.name)
+    return dst
+
+
+def tiny_overrides(root: Path, **extra) -> list[str]:
+    """--set strings for a seconds-long CPU run: 32 px, narrow nets, small batches."""
+    sets = {"data.root": str(root), "data.image_size": 32, "model.ch": 8, "model.z_dim": 16,
+            "train.batch_size": 8, "train.steps": 6, "train.checkpoint_every": 3,
+            "train.sample_every": 3, "train.log_every": 1, "train.samples_per_class": 4,
+            "train.device": "cpu"}
+    sets.update(extra)
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def tiny_config(root: Path, cfg: str = "sngan", **extra):
+    from gans.config import GANConfig
+
+    return configlib.load(GANConfig, cfg, tiny_overrides(root, **extra))[0]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, crc_mini) -> Path:
+    """A finished 6-step conditional SNGAN run on real tiles (shared by read-only tests)."""
+    from gans.train_gan import train_gan
+
+    out = tmp_path_factory.mktemp("runs") / "sngan"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HISTOSYNTH_CACHE", str(tmp_path_factory.getbasetemp() / "tile-cache"))
+    try:
+        train_gan(tiny_config(crc_mini), out, progress=False)
+    finally:
+        mp.undo()
+    return out
