@@ -214,3 +214,21 @@ def test_script_entry_point_runs_without_install(tmp_path):
                         "sngan.yaml", "--dry-run"], capture_output=True, text=True, cwd=tmp_path,
                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert r.returncode == 0 and "family: sngan" in r.stdout
+
+
+def test_ema_warms_up_then_follows_the_decay():
+    from torch.optim.swa_utils import AveragedModel
+    from gans.loop import ema_with_warmup
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    net.weight.data.fill_(0.0)
+    ema = AveragedModel(net, multi_avg_fn=ema_with_warmup(0.999), use_buffers=True)
+    ema.update_parameters(net)                     # first call copies: 0
+    net.weight.data.fill_(1.0)
+    ema.update_parameters(net)                     # n=1: decay (1+1)/(10+1) = 2/11
+    assert ema.module.weight.item() == pytest.approx(1 - 2 / 11)
+    for _ in range(20000):
+        ema.update_parameters(net)
+    net.weight.data.fill_(2.0)
+    ema.update_parameters(net)                     # long run: plain decay 0.999
+    assert ema.module.weight.item() == pytest.approx(1.0 + 0.001, abs=1e-5)
