@@ -83,8 +83,6 @@ class LossConfig:
         require(self.gp_weight >= 0, "gp_weight", f"must be >= 0, got {self.gp_weight}")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing",
                 f"must be in [0, 0.5), got {self.label_smoothing}")
-        require(self.label_smoothing == 0 or self.type in ("bce", "lsgan", "auto"),
-                "label_smoothing", f"only applies to the bce and lsgan losses, not {self.type!r}")
 
 
 @dataclass
@@ -154,6 +152,7 @@ class GANConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        # cross-section checks, once the family's default loss is known
         if self.loss.type == "auto":
             from gans.registry import get_family
             self.loss.type = get_family(self.model.family).default_loss

@@ -102,8 +102,14 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, channels: int, num_classes: int, sn: bool = True):
         super().__init__()
-        self.linear = maybe_sn(nn.Linear(channels, 1), sn)
-        self.embed = maybe_sn(nn.Embedding(num_classes, channels), sn) if num_classes else None
+        linear = nn.Linear(channels, 1)
+        nn.init.xavier_uniform_(linear.weight)
+        self.linear = maybe_sn(linear, sn)
+        self.embed = None
+        if num_classes:
+            embed = nn.Embedding(num_classes, channels)
+            nn.init.xavier_uniform_(embed.weight)             # as in Miyato & Koyama's code
+            self.embed = maybe_sn(embed, sn)
 
     def forward(self, feat: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         out = self.linear(feat).squeeze(1)                     # B
@@ -150,11 +156,15 @@ class ResNetGenerator(nn.Module):
 
 
 class ResNetDiscriminator(nn.Module):
-    """image B x 3 x S x S, y (B) -> logit B; ReLU, global sum pooling, projection head."""
+    """image B x 3 x S x S, y (B) -> logit B; ReLU, global pooling, projection head.
 
-    def __init__(self, image_size: int, num_classes: int, ch: int, sn: bool, norm: str = "none"):
+    ``pool``: ``sum`` (SNGAN, Miyato 2018) or ``mean`` (the WGAN-GP ResNet critic, Gulrajani 2017).
+    """
+
+    def __init__(self, image_size: int, num_classes: int, ch: int, sn: bool, norm: str = "none",
+                 pool: str = "sum"):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.pool = num_classes, pool
         widths = resnet_widths(image_size, ch, "d")
         # 32 px: two down-sampling blocks then two at 8x8; 64/128: every block but the last halves
         n_down = 2 if image_size == 32 else len(widths) - 1
@@ -166,4 +176,5 @@ class ResNetDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = F.relu(self.blocks(x))                              # B x C x h x w
-        return self.head(h.sum(dim=(2, 3)), y)                  # B
+        feat = h.sum(dim=(2, 3)) if self.pool == "sum" else h.mean(dim=(2, 3))   # B x C
+        return self.head(feat, y)                               # B

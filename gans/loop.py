@@ -157,6 +157,7 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
         task.load_extra_state(ck["extra"])
         _set_rng_state(ck["rng"])
         start = int(ck["step"])
+    if resume:                      # drop what a killed run logged after its last checkpoint
         _truncate_metrics(paths.metrics, start)
     paths.config.write_text(dump_yaml(cfg))
 

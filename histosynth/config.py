@@ -141,14 +141,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _convert(value, a, key)
-            except ConfigError as e:
-                errors.append(e.msg)
+            except ConfigError:
+                continue
         raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

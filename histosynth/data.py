@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from histosynth.images import UnreadableImage, open_rgb, scan_image_folder, warn_skipped
+from histosynth.images import DataError, UnreadableImage, open_rgb, scan_image_folder, warn_skipped
 
 CACHE_VERSION = 1
 
@@ -114,13 +115,11 @@ class TileCache:
             files.append(str(path.relative_to(root)))
         warn_skipped(skipped, str(root))
         if stain_failures:
-            import warnings
             warnings.warn(f"Macenko normalisation failed on {stain_failures} tile(s) of {root} "
                           "(too little stained tissue); they were kept unnormalised", stacklevel=2)
         present = set(labels)
         missing = [c for i, c in enumerate(classes) if i not in present]
         if missing:
-            from histosynth.images import DataError
             raise DataError(f"no readable image in class folder(s) {', '.join(missing)} of {root}")
         images = np.stack(arrays)
         labels_np = np.asarray(labels, dtype=np.int64)

@@ -71,3 +71,18 @@ def test_unknown_family_suggests_the_closest():
 def test_unsupported_resolution_is_refused():
     with pytest.raises(ValueError, match="32, 64, 128"):
         create_model("sngan", 48)
+
+
+@pytest.mark.parametrize("family", list_families())
+def test_fresh_discriminator_logits_are_of_order_one_on_real_tiles(family, crc_mini):
+    """Guards the papers' initialisations: exploding initial logits make training diverge."""
+    from histosynth.data import TileCache, to_unit_range
+
+    cache = TileCache.build(crc_mini, 64, progress=False)
+    x = to_unit_range(torch.from_numpy(cache.images[:16].copy()))
+    y = torch.from_numpy(cache.labels[:16].copy())
+    torch.manual_seed(0)
+    _, D = create_model(family, 64, len(cache.classes), z_dim=128, ch=32)
+    with torch.no_grad():
+        logits = D(x, y)
+    assert logits.abs().max() < 10, logits
