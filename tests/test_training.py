@@ -232,3 +232,12 @@ def test_ema_warms_up_then_follows_the_decay():
     net.weight.data.fill_(2.0)
     ema.update_parameters(net)                     # long run: plain decay 0.999
     assert ema.module.weight.item() == pytest.approx(1.0 + 0.001, abs=1e-5)
+
+
+def test_unconditional_run_has_one_grid_row_and_ignores_labels(crc_mini, tmp_path):
+    out = tmp_path / "run"
+    assert train_main(_args(crc_mini, out, "dcgan", **{"model.conditioning": "none"})) == 0
+    ck = safe_load(RunPaths(out).checkpoint)
+    assert ck["extra"]["num_classes"] == 0
+    assert not any("embed" in k for k in ck["modules"]["D"])
+    assert Image.open(RunPaths(out).samples / "step_000006.png").height == 34 + 2
