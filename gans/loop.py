@@ -207,7 +207,7 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
                     _check_finite(row, step, last_good, paths)
                     now = time.perf_counter()
                     row = {"step": step, **row,
-                           "lr_g": next(iter(task.optimizers.values())).param_groups[0]["lr"],
+                           **{f"lr_{n.lower()}": o.param_groups[0]["lr"] for n, o in task.optimizers.items()},
                            "sec_per_step": (now - t_log) / n_acc,
                            "real_img_per_s": n_acc * task.n_dis * t.batch_size / (now - t_log)}
                     log.write(json.dumps(row) + "\n")
