@@ -24,7 +24,7 @@ from gans.config import GANConfig
 from gans.loop import CHECKPOINT_FORMAT, RunDirError
 from gans.registry import create_model, list_families
 from histosynth import config as configlib
-from histosynth.checkpoint import CheckpointError, safe_load, sha256_file
+from histosynth.checkpoint import CheckpointError, atomic_write, safe_load, sha256_file
 from histosynth.cli import register_user_error, run_cli
 from histosynth.data import to_uint8
 
@@ -91,12 +91,13 @@ def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
         bar.update(len(chunk))
     bar.close()
     manifest = out / "manifest.csv"
-    tmp = out / ".manifest.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+
+    def write(f):
         w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(manifest)
+
+    atomic_write(manifest, write, mode="w")
     return manifest
 
 

@@ -32,7 +32,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from histosynth.checkpoint import CheckpointError, atomic_save, safe_load
+from histosynth.checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load
 from histosynth.config import dump_yaml, to_dict
 from histosynth.runtime import Runtime
 from histosynth.viz import plot_curves, save_grid
@@ -266,9 +266,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:  # a line torn by the kill
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _tensorboard(root: Path):

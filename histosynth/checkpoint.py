@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 
@@ -14,8 +14,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, unsafe or of another model; the message says which."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync, then rename over ``path``.
 
     A crash (or a full disk) at any point leaves either the old file or the new one, never a
     torn file; the temporary file is removed when the write fails.
@@ -24,8 +24,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,6 +40,15 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from histosynth.checkpoint import atomic_write, atomic_write_text
 from histosynth.images import DataError, UnreadableImage, open_rgb, scan_image_folder, warn_skipped
 
 CACHE_VERSION = 1
@@ -124,12 +125,10 @@ class TileCache:
         images = np.stack(arrays)
         labels_np = np.asarray(labels, dtype=np.int64)
         if npy is not None:
-            _atomic_save_npy(npy, images)
+            atomic_write(npy, lambda f: np.save(f, images))
             meta = {"version": CACHE_VERSION, "root": str(root), "classes": classes,
                     "files": files, "labels": labels, "skipped": skipped}
-            tmp = json_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, json_path)
+            atomic_write_text(json_path, json.dumps(meta))
         return cls(images, labels_np, classes, files, skipped)
 
 
@@ -144,16 +143,6 @@ def _cache_key(root: Path, items, image_size, stain_norm, stain_reference) -> st
         st = path.stat()
         h.update(f"{path.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class BatchSampler:

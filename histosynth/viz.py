@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
+
+from histosynth.checkpoint import atomic_write
 
 
 def save_grid(images: torch.Tensor, nrow: int, row_labels: list[str] | None, path: str | Path,
@@ -26,11 +27,7 @@ def save_grid(images: torch.Tensor, nrow: int, row_labels: list[str] | None, pat
         for i, label in enumerate(row_labels):
             draw.text((4, 2 + i * row_h + row_h // 2 - 6), label[:18], fill="black", font=font)
         img = canvas
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def plot_curves(jsonl: str | Path, path: str | Path, keys: list[str] | None = None) -> None:
@@ -54,8 +51,5 @@ def plot_curves(jsonl: str | Path, path: str | Path, keys: list[str] | None = No
         ax.set_title(k)
         ax.set_xlabel("step")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
