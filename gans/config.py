@@ -109,8 +109,9 @@ class TrainConfig:
     """Adam betas (DCGAN: 0.5, 0.999; SNGAN / WGAN-GP ResNets: 0.0, 0.9)."""
     lr_schedule: Choice["constant", "linear"] = "constant"
     """``linear``: constant until ``lr_decay_start``, then linear decay to 0 at ``steps``."""
-    lr_decay_start: int = 0
-    """Step at which the linear decay starts (``lr_schedule: linear``)."""
+    lr_decay_start: Optional[int] = None
+    """Step at which the linear decay starts (``lr_schedule: linear``); null: half of ``steps``
+    (CycleGAN's schedule), 0: decay from the start (the WGAN-GP ResNet schedule)."""
     ema_decay: float = 0.999
     """Decay of the exponential moving average of G used for samples and generation; 0: off."""
     ema_start: int = 0
@@ -136,8 +137,10 @@ class TrainConfig:
         require(all(0 <= b < 1 for b in self.betas), "betas", f"each must be in [0, 1), got {self.betas}")
         require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         require(self.ema_start >= 0, "ema_start", f"must be >= 0, got {self.ema_start}")
+        if self.lr_decay_start is None:
+            self.lr_decay_start = self.steps // 2
         require(0 <= self.lr_decay_start <= self.steps, "lr_decay_start",
-                f"must be in [0, steps={self.steps}], got {self.lr_decay_start}")
+                f"must be in [0, steps={self.steps}] or null (half-way), got {self.lr_decay_start}")
         from gans.diffaugment import POLICIES
         bad = [p for p in self.diffaugment.split(",") if p.strip() and p.strip() not in POLICIES]
         require(not bad, "diffaugment", f"unknown policy {', '.join(bad)}; use a comma-separated "

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from gans.config import GANConfig
-from gans.loop import CHECKPOINT_FORMAT, RunDirError
+from gans.loop import CHECKPOINT_FORMAT, RunDirError, generator_state
 from gans.registry import create_model, list_families
 from histosynth import config as configlib
 from histosynth.checkpoint import CheckpointError, atomic_write, safe_load, sha256_file
@@ -47,11 +47,7 @@ def load_generator(run: str | Path, weights: str = "ema", device: str = "cpu"):
     cfg, _, _ = configlib.load(GANConfig, None, base=ck["config"])
     num_classes = int(ck["extra"]["num_classes"])
     G, _ = create_model(family, cfg.data.image_size, num_classes, cfg.model.z_dim, cfg.model.ch)
-    if weights == "ema" and ck["ema"].get("G"):
-        state = {k[len("module."):]: v for k, v in ck["ema"]["G"].items() if k.startswith("module.")}
-    else:
-        state = ck["modules"]["G"]
-    G.load_state_dict(state)
+    G.load_state_dict(generator_state(ck, "G", weights))
     classes = list(ck["extra"]["classes"]) if num_classes else ["all"]
     return G.to(device).eval(), classes, ck, ck_path
 

@@ -6,7 +6,8 @@ atomic checkpoints, resume and the NaN guard. Model-specific maths lives in a *t
 ``d_step()`` / ``g_step()`` (see :class:`gans.losses.GANTask`), which exposes:
 
 ``modules`` (name -> nn.Module), ``optimizers`` (name -> Optimizer), ``ema_names``, ``n_dis``,
-``sample_grid(gens)``, ``extra_state()`` / ``load_extra_state()``.
+``phases`` (the order of d/g updates in one step), ``sample_grid(gens)``, ``extra_state()`` /
+``load_extra_state()``. :class:`gans.cyclegan.CycleGANTask` is the second such task.
 
 Run directory::
 
@@ -16,6 +17,7 @@ Run directory::
     RUN/metrics.jsonl          one JSON line per log interval
     RUN/loss.png               loss curves
     RUN/data.json              classes, counts and skipped files of the training data
+    RUN/eval.json, eval.md     CycleGAN only: evaluation at the end of training
 """
 
 from __future__ import annotations
@@ -188,9 +190,8 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
         with paths.metrics.open("a") as log:
             while step < t.steps:
                 out: dict[str, torch.Tensor] = {}
-                for _ in range(task.n_dis):
-                    out.update(task.d_step())
-                out.update(task.g_step())
+                for phase in task.phases:        # e.g. ("d",) * n_dis + ("g",), or ("g", "d")
+                    out.update(task.d_step() if phase == "d" else task.g_step())
                 for n, e in emas.items():
                     if step < t.ema_start:
                         e.n_averaged.zero_()      # copy G until the EMA starts
@@ -240,6 +241,14 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
                 pass
     return {"step": step, "seconds": time.perf_counter() - t0, "last": last_logged,
             "device": rt.describe()}
+
+
+def generator_state(ck: dict[str, Any], name: str, weights: str = "ema") -> dict[str, torch.Tensor]:
+    """State dict of generator ``name`` from a checkpoint: its EMA copy when kept and asked for."""
+    ema = ck.get("ema", {}).get(name)
+    if weights == "ema" and ema:
+        return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
+    return ck["modules"][name]
 
 
 def _nan_message(what: str, step: int, last_good: int | None, paths: RunPaths) -> str:

@@ -76,6 +76,7 @@ class GANTask:
         }
         self.ema_names = ["G"]
         self.n_dis = t.n_dis
+        self.phases = ("d",) * t.n_dis + ("g",)
         self.loss = AdversarialLoss(cfg.loss.type, cfg.loss.label_smoothing)
         self.gp_weight = cfg.loss.gp_weight
         self.policy = parse_policy(t.diffaugment)

@@ -1,8 +1,9 @@
-"""train-gan: train a (class-conditional) GAN from one YAML config.
+"""train-gan: train a (class-conditional) GAN or a CycleGAN from one YAML config.
 
     train-gan --cfg sngan.yaml --out runs/sngan --set train.steps=200
     train-gan --resume runs/sngan            # continue to the configured final step
     train-gan --cfg sngan.yaml --dry-run     # print the resolved config
+    train-gan --cfg cyclegan_cpu.yaml --out runs/he2ihc   # CycleGAN: same loop, same run dir
 
 Bare config names are looked up in configs/. Also runs as ``python gans/train_gan.py``.
 """
@@ -19,37 +20,89 @@ if __package__ in (None, ""):  # `python gans/train_gan.py` without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gans.config import GANConfig  # noqa: E402
+from gans.cyclegan import CycleGANConfig  # noqa: E402
 from gans.loop import NonFiniteLossError, RunDirError, prepare_run_dir, run_training  # noqa: E402
 from histosynth import config as configlib  # noqa: E402
 from histosynth.cli import register_user_error, run_cli  # noqa: E402
+from histosynth.checkpoint import atomic_write_text  # noqa: E402
 from histosynth.data import TileCache, default_cache_dir  # noqa: E402
+from histosynth.images import native_size  # noqa: E402
 from histosynth.paths import resolve_data_path  # noqa: E402
 
 register_user_error(RunDirError, NonFiniteLossError)
 
 
+def _cache_dir(d) -> Path | None:
+    if d.cache != "disk":
+        return None
+    return Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
+
+
 def load_data(cfg: GANConfig, progress: bool = True) -> TileCache:
     d = cfg.data
-    cache_dir = None
-    if d.cache == "disk":
-        cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
     ref = str(resolve_data_path(d.stain_reference)) if d.stain_reference else None
     return TileCache.build(resolve_data_path(d.root), d.image_size, d.stain_norm, ref,
-                           cache_dir, progress=progress)
+                           _cache_dir(d), progress=progress)
 
 
-def train_gan(cfg: GANConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
-              progress: bool = True) -> dict:
+def load_domains(cfg: CycleGANConfig, progress: bool = True) -> tuple[TileCache, TileCache]:
+    """The two unpaired CycleGAN domains, cached at ``data.load_size`` (0: native size)."""
+    d = cfg.data
+    out = []
+    for key in ("root_a", "root_b"):
+        root = resolve_data_path(getattr(d, key))
+        size = d.load_size or native_size(root)
+        if size < d.image_size:
+            raise configlib.ConfigError("data.image_size", f"{d.image_size} is larger than the "
+                                        f"images of data.{key} ({size} px); lower it")
+        out.append(TileCache.build(root, size, cache_dir=_cache_dir(d), progress=progress, layout="flat"))
+    return out[0], out[1]
+
+
+def config_class(family: str):
+    """CycleGAN has its own sections (two domains, cycle losses); every other family is a GAN."""
+    return CycleGANConfig if family == "cyclegan" else GANConfig
+
+
+def load_config(path, overrides: list[str], base: dict | None = None):
+    """Read a config (file or mapping), apply --set, build the config class its family needs."""
+    resolved = configlib.resolve_config_path(path) if path is not None else None
+    raw = configlib.read_yaml(resolved) if resolved is not None else dict(base or {})
+    touched = configlib.apply_overrides(raw, overrides)
+    model = raw.get("model")
+    family = model.get("family", "sngan") if isinstance(model, dict) else "sngan"
+    cfg = configlib.build(config_class(str(family)), raw, str(resolved) if resolved else None, touched)
+    return cfg, resolved
+
+
+def train_gan(cfg: GANConfig | CycleGANConfig, out: str | Path, resume: bool = False,
+              overwrite: bool = False, progress: bool = True) -> dict:
     """Train ``cfg`` into run directory ``out``; returns the loop's summary."""
+    paths = prepare_run_dir(out, resume, overwrite)
+    if isinstance(cfg, CycleGANConfig):
+        from gans.cyclegan import CycleGANTask
+        from gans.cyclegan_eval import evaluate_run
+
+        data_a, data_b = load_domains(cfg, progress)
+        _write_data_json(paths, {"root_a": str(resolve_data_path(cfg.data.root_a)), "count_a": len(data_a),
+                                 "skipped_a": data_a.skipped,
+                                 "root_b": str(resolve_data_path(cfg.data.root_b)), "count_b": len(data_b),
+                                 "skipped_b": data_b.skipped})
+        summary = run_training(cfg, lambda c, rt: CycleGANTask(c, data_a, data_b, rt), paths,
+                               "cyclegan", resume=resume, progress=progress)
+        summary["eval"] = evaluate_run(paths.root, progress=progress)
+        return summary
     from gans.losses import GANTask
 
-    paths = prepare_run_dir(out, resume, overwrite)
     data = load_data(cfg, progress)
-    (paths.root / "data.json").write_text(json.dumps({
-        "root": str(resolve_data_path(cfg.data.root)), "classes": data.classes,
-        "counts": data.class_counts(), "skipped": data.skipped}, indent=1))
+    _write_data_json(paths, {"root": str(resolve_data_path(cfg.data.root)), "classes": data.classes,
+                             "counts": data.class_counts(), "skipped": data.skipped})
     return run_training(cfg, lambda c, rt: GANTask(c, data, rt), paths, cfg.model.family,
                         resume=resume, progress=progress)
+
+
+def _write_data_json(paths, info: dict) -> None:
+    atomic_write_text(paths.root / "data.json", json.dumps(info, indent=1))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,19 +125,19 @@ def _main(args: argparse.Namespace) -> int:
             raise configlib.ConfigError("", "--resume uses the run's own config.yaml; drop --cfg "
                                             "(use --set to change a key, e.g. train.steps)")
         prepare_run_dir(args.resume, resume=True, overwrite=False)   # is it a run at all?
-        cfg, _, _ = configlib.load(GANConfig, Path(args.resume) / "config.yaml", args.set)
+        cfg, _ = load_config(Path(args.resume) / "config.yaml", args.set)
         out = args.resume
     else:
         if not args.cfg:
             raise configlib.ConfigError("", "give --cfg CONFIG (e.g. --cfg sngan.yaml) or --resume RUN_DIR")
-        cfg, _, path = configlib.load(GANConfig, args.cfg, args.set)
+        cfg, path = load_config(args.cfg, args.set)
         out = args.out or f"runs/{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.dry_run:
         print(configlib.dump_yaml(cfg), end="")
         return 0
     summary = train_gan(cfg, out, resume=bool(args.resume), overwrite=args.overwrite,
                         progress=not args.no_progress)
-    last = ", ".join(f"{k} {v:.4g}" for k, v in summary["last"].items() if k.startswith("loss"))
+    last = ", ".join(f"{k} {v:.4g}" for k, v in summary["last"].items() if k in ("loss_d", "loss_g"))
     print(f"train-gan: finished step {summary['step']} in {summary['seconds']:.0f} s on "
           f"{summary['device']} ({last}); run directory: {out}")
     return 0

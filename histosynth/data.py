@@ -25,29 +25,15 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from histosynth.checkpoint import atomic_write, atomic_write_text
-from histosynth.images import DataError, UnreadableImage, open_rgb, scan_image_folder, warn_skipped
+from histosynth.stain import MacenkoStain
+from histosynth.images import (DataError, UnreadableImage, open_rgb, scan_flat_folder,
+                               scan_image_folder, warn_skipped)
 
 CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("HISTOSYNTH_CACHE", Path.home() / ".cache" / "histosynth"))
-
-
-class MacenkoStain:
-    """Macenko stain normalisation to a reference tile (torchstain, torch backend)."""
-
-    def __init__(self, reference: np.ndarray):
-        from torchstain.torch.normalizers.macenko import TorchMacenkoNormalizer
-
-        self.norm = TorchMacenkoNormalizer()
-        self.norm.fit(torch.from_numpy(reference).permute(2, 0, 1).contiguous())
-
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        """Normalise ``H x W x 3`` uint8; raises when the tile has too little stained tissue."""
-        out, _, _ = self.norm.normalize(torch.from_numpy(rgb).permute(2, 0, 1).contiguous(),
-                                        stains=False)
-        return out.clamp(0, 255).to(torch.uint8).numpy()
 
 
 def square_resize(img: Image.Image, size: int) -> np.ndarray:
@@ -77,9 +63,14 @@ class TileCache:
     @classmethod
     def build(cls, root: str | Path, image_size: int, stain_norm: str = "none",
               stain_reference: str | None = None, cache_dir: str | Path | None = None,
-              progress: bool = True) -> "TileCache":
+              progress: bool = True, layout: str = "classes") -> "TileCache":
+        """Decode ``root`` once. ``layout``: ``classes`` (ImageFolder: one sub-folder per class)
+        or ``flat`` (every image directly in ``root``, one pseudo-class named after it)."""
         root = Path(root)
-        classes, items = scan_image_folder(root)
+        if layout == "flat":
+            classes, items = [root.name], [(p, 0) for p in scan_flat_folder(root)]
+        else:
+            classes, items = scan_image_folder(root)
         key = _cache_key(root, items, image_size, stain_norm, stain_reference)
         npy = json_path = None
         if cache_dir is not None:
@@ -196,6 +187,16 @@ def flip_rot90(x: torch.Tensor, gen: torch.Generator, mode: str) -> torch.Tensor
         rot = (r[:, 2] < 0.5).to(x.device).view(b, 1, 1, 1)
         x = torch.where(rot, x.transpose(2, 3), x)
     return x
+
+
+def random_crop(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """An independent random ``size`` x ``size`` crop of each image of a ``B x C x H x W`` batch."""
+    b, _, h, w = x.shape
+    if (h, w) == (size, size):
+        return x
+    ys = torch.randint(0, h - size + 1, (b,), generator=gen).tolist()
+    xs = torch.randint(0, w - size + 1, (b,), generator=gen).tolist()
+    return torch.stack([x[i, :, y:y + size, xx:xx + size] for i, (y, xx) in enumerate(zip(ys, xs))])
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:

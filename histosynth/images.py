@@ -121,6 +121,35 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int
     return classes, items
 
 
+def scan_flat_folder(root: str | Path) -> list[Path]:
+    """Every image directly in ``root`` (an unpaired CycleGAN domain), sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    files = list_images(root)
+    if not files:
+        raise DataError(f"no images in {root} (expected {'/'.join(IMAGE_EXTENSIONS)} files)")
+    return files
+
+
+def native_size(folder: str | Path) -> int:
+    """The common square size of the images in ``folder``; an error names the odd ones out."""
+    sizes = {}
+    for f in scan_flat_folder(folder):
+        try:
+            with Image.open(f) as img:
+                sizes.setdefault(img.size, []).append(f.name)
+        except Exception:
+            continue                                  # unreadable: reported when decoded
+    if not sizes:
+        raise DataError(f"no readable image in {folder}")
+    if len(sizes) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
+        desc = "; ".join(f"{w}x{h}: {len(v)} (e.g. {v[0]})" for (w, h), v in sizes.items())
+        raise DataError(f"images in {folder} are not all one square size ({desc}); set "
+                        "data.load_size to resize them once when cached")
+    return next(iter(sizes))[0]
+
+
 def warn_skipped(skipped: list[tuple[str, str]], where: str) -> None:
     """One warning listing every file that was left out and why."""
     if not skipped:

@@ -14,4 +14,4 @@ def resolve_data_path(path: str | Path) -> Path:
     if p.is_absolute() or p.exists():
         return p
     alt = PROJECT_ROOT / p
-    return alt if alt.exists() else p
+    return alt.resolve() if alt.exists() else p

@@ -1,0 +1,354 @@
+"""CycleGAN (Zhu et al., ICCV 2017, "Unpaired Image-to-Image Translation") on the shared loop.
+
+Paper defaults: ResNet generator (c7s1-64, d128, d256, 6 or 9 residual blocks, u128, u64,
+c7s1-3; instance norm, reflection padding), 70x70 PatchGAN discriminator (C64-C128-C256-C512),
+least-squares GAN loss, cycle weight 10, identity weight 0.5 (x the cycle weight), an image pool
+of 50 past fakes per domain, Adam(2e-4, 0.5, 0.999), constant learning rate for the first half
+and linear decay to 0 over the second. ``G_ab`` maps domain A to B, ``G_ba`` maps B to A.
+
+The training loop of :mod:`gans.loop` runs it like any other task: ``phases = ("g", "d")``
+(generators first, then both discriminators on pooled fakes, as in the paper's code).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gans.config import TrainConfig
+from histosynth.config import require
+from histosynth.data import TileCache, flip_rot90, random_crop, to_unit_range
+from histosynth.runtime import Runtime
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class CycleDataConfig:
+    root_a: str = "../shared/data/stain/trainA_he"
+    """Folder of domain-A training images (flat: images directly inside)."""
+    root_b: str = "../shared/data/stain/trainB_ihc"
+    """Folder of domain-B training images; need not pair with A."""
+    test_a: Optional[str] = None
+    """Domain-A test images for evaluation; paired with test_b by file name when both are given."""
+    test_b: Optional[str] = None
+    """Domain-B test images; the pairs (same file name) give PSNR/SSIM of G_ab(A) against B."""
+    image_size: int = 256
+    """Side of the random training crops (a multiple of 4)."""
+    load_size: int = 0
+    """Images are centre-cropped to a square and resized to this once, when cached; 0 keeps the
+    native size (all images must then share one size). Keep 0 to keep the magnification."""
+    augment: Literal["none", "flip", "flip_rot90"] = "flip_rot90"
+    """Random flips (and 90-degree rotations) of the crops."""
+    cache: Literal["disk", "memory"] = "disk"
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self):
+        require(self.image_size >= 16 and self.image_size % 4 == 0, "image_size",
+                f"must be a multiple of 4 and >= 16, got {self.image_size}")
+        require(self.load_size == 0 or self.load_size >= self.image_size, "load_size",
+                f"must be 0 (native) or >= image_size ({self.image_size}), got {self.load_size}")
+        require((self.test_a is None) == (self.test_b is None), "test_b" if self.test_b is None else "test_a",
+                "give both test_a and test_b, or neither")
+
+
+@dataclass
+class CycleModelConfig:
+    family: Literal["cyclegan"] = "cyclegan"
+    ngf: int = 64
+    """Generator base width (paper: 64)."""
+    ndf: int = 64
+    """PatchGAN base width (paper: 64)."""
+    n_blocks: int = 9
+    """Residual blocks of the generator: 9 (256 px in the paper) or 6 (128 px)."""
+    d_layers: int = 3
+    """Strided layers of the PatchGAN: 3 gives the 70x70 receptive field."""
+
+    def __post_init__(self):
+        for key in ("ngf", "ndf", "n_blocks", "d_layers"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class CycleLossConfig:
+    type: Literal["lsgan", "bce"] = "lsgan"
+    """GAN loss on the patch outputs (paper: least squares)."""
+    lambda_cycle: float = 10.0
+    """Weight of the cycle-consistency L1 losses (paper: 10)."""
+    lambda_identity: float = 0.5
+    """Identity loss weight as a fraction of lambda_cycle (paper: 0.5); 0 turns it off."""
+    pool_size: int = 50
+    """Past fakes kept per domain for D updates (Shrivastava 2017; paper: 50); 0 turns it off."""
+
+    def __post_init__(self):
+        require(self.lambda_cycle >= 0, "lambda_cycle", f"must be >= 0, got {self.lambda_cycle}")
+        require(self.lambda_identity >= 0, "lambda_identity", f"must be >= 0, got {self.lambda_identity}")
+        require(self.pool_size >= 0, "pool_size", f"must be >= 0, got {self.pool_size}")
+
+
+@dataclass
+class CycleEvalConfig:
+    max_images: int = 0
+    """Evaluate on at most this many test images per domain (0: all)."""
+    tile: int = 512
+    """Tile side for translating test images larger than this (see gan-translate)."""
+
+
+@dataclass
+class CycleGANConfig:
+    data: CycleDataConfig = field(default_factory=CycleDataConfig)
+    model: CycleModelConfig = field(default_factory=CycleModelConfig)
+    loss: CycleLossConfig = field(default_factory=CycleLossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        batch_size=1, lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.999), ema_decay=0.0,
+        lr_schedule="linear", lr_decay_start=None))
+    eval: CycleEvalConfig = field(default_factory=CycleEvalConfig)
+
+    def __post_init__(self):
+        require(self.train.n_dis == 1, "train.n_dis", "CycleGAN updates G and D once per step; "
+                                                      f"set 1, got {self.train.n_dis}")
+        require(not self.train.diffaugment, "train.diffaugment",
+                "is not used by CycleGAN (its discriminators see pooled fakes); set ''")
+
+
+# ----------------------------------------------------------------------------------------------
+# networks
+
+
+def _init_normal(m: nn.Module) -> None:
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResnetGenerator(nn.Module):
+    """B x 3 x H x W in [-1, 1] -> B x 3 x H x W (H, W multiples of 4); fully convolutional."""
+
+    def __init__(self, ngf: int = 64, n_blocks: int = 9):
+        super().__init__()
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(3, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True)]
+        c = ngf
+        for _ in range(2):                                   # H -> H/4, ngf -> 4 ngf
+            layers += [nn.Conv2d(c, c * 2, 3, 2, 1), nn.InstanceNorm2d(c * 2), nn.ReLU(True)]
+            c *= 2
+        layers += [ResnetBlock(c) for _ in range(n_blocks)]
+        for _ in range(2):                                   # H/4 -> H
+            layers += [nn.ConvTranspose2d(c, c // 2, 3, 2, 1, output_padding=1),
+                       nn.InstanceNorm2d(c // 2), nn.ReLU(True)]
+            c //= 2
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(c, 3, 7), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.apply(_init_normal)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: B x 3 x H x W -> B x 1 x H/8-2 x W/8-2 real/fake scores (70x70 receptive field)."""
+
+    def __init__(self, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        c = ndf
+        for i in range(1, n_layers + 1):
+            out = ndf * min(2 ** i, 8)
+            stride = 2 if i < n_layers else 1
+            layers += [nn.Conv2d(c, out, 4, stride, 1), nn.InstanceNorm2d(out), nn.LeakyReLU(0.2, True)]
+            c = out
+        layers += [nn.Conv2d(c, 1, 4, 1, 1)]
+        self.net = nn.Sequential(*layers)
+        self.apply(_init_normal)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ImagePool:
+    """History of generated images (Shrivastava 2017), as in CycleGAN.
+
+    Until ``size`` images are stored, each new image is stored and returned. Afterwards each
+    query returns, with probability 0.5, a random stored image (replacing it by the new one),
+    otherwise the new image. Draws come from a seeded generator; ``state_dict`` keeps the images
+    and the generator so a resumed run sees the same history.
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size = size
+        self.images: list[torch.Tensor] = []
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def query(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return batch
+        out = []
+        for img in batch.detach():
+            img = img.unsqueeze(0)
+            if len(self.images) < self.size:
+                self.images.append(img.clone())
+                out.append(img)
+            elif torch.rand(1, generator=self.gen).item() < 0.5:
+                i = int(torch.randint(0, self.size, (1,), generator=self.gen))
+                out.append(self.images[i].clone())
+                self.images[i] = img.clone()
+            else:
+                out.append(img)
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        stack = torch.cat(self.images).cpu() if self.images else torch.empty(0)
+        return {"images": stack, "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        imgs = state["images"]
+        self.images = [imgs[i:i + 1].to(device) for i in range(imgs.shape[0])] if imgs.numel() else []
+        self.gen.set_state(state["gen"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the task
+
+
+class CycleGANTask:
+    """Two generators, two PatchGANs, the paper's losses; batches of random crops from A and B."""
+
+    phases = ("g", "d")
+
+    def __init__(self, cfg: CycleGANConfig, data_a: TileCache, data_b: TileCache, rt: Runtime):
+        self.cfg, self.rt, self.data_a, self.data_b = cfg, rt, data_a, data_b
+        m, t = cfg.model, cfg.train
+        self.G_ab = rt.prepare(ResnetGenerator(m.ngf, m.n_blocks))
+        self.G_ba = rt.prepare(ResnetGenerator(m.ngf, m.n_blocks))
+        self.D_a = rt.prepare(PatchDiscriminator(m.ndf, m.d_layers))
+        self.D_b = rt.prepare(PatchDiscriminator(m.ndf, m.d_layers))
+        self.modules = {"G_ab": self.G_ab, "G_ba": self.G_ba, "D_a": self.D_a, "D_b": self.D_b}
+        fused = {"fused": True} if rt.device.type == "cuda" else {}
+        self.optimizers = {
+            "G": torch.optim.Adam(itertools.chain(self.G_ab.parameters(), self.G_ba.parameters()),
+                                  lr=t.lr_g, betas=t.betas, **fused),
+            "D": torch.optim.Adam(itertools.chain(self.D_a.parameters(), self.D_b.parameters()),
+                                  lr=t.lr_d, betas=t.betas, **fused),
+        }
+        self.ema_names = ["G_ab", "G_ba"]
+        self.n_dis = 1
+        self.pool_a = ImagePool(cfg.loss.pool_size, t.seed + 3)
+        self.pool_b = ImagePool(cfg.loss.pool_size, t.seed + 4)
+        self.gen = torch.Generator().manual_seed(t.seed + 1)     # crops, flips, batch order
+        from histosynth.data import BatchSampler
+        self.sampler_a = BatchSampler(len(data_a), t.batch_size, t.seed)
+        self.sampler_b = BatchSampler(len(data_b), t.batch_size, t.seed + 5)
+        self._fakes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the grid shows the same crops at every step: the first tiles' centres
+        k = min(4, len(data_a), len(data_b))
+        self.grid_a = self._centre(data_a, k)
+        self.grid_b = self._centre(data_b, k)
+
+    def _centre(self, data: TileCache, k: int) -> torch.Tensor:
+        x = torch.from_numpy(np.array(data.images[:k]))           # a copy: the cache is read-only
+        s, (h, w) = self.cfg.data.image_size, x.shape[2:]
+        y0, x0 = (h - s) // 2, (w - s) // 2
+        return to_unit_range(x[:, :, y0:y0 + s, x0:x0 + s])
+
+    def _load(self, data: TileCache, sampler) -> torch.Tensor:
+        idx = sampler.next().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(data.images[idx]))
+        x = random_crop(x, self.cfg.data.image_size, self.gen)
+        x = flip_rot90(x, self.gen, self.cfg.data.augment)
+        return to_unit_range(self.rt.batch(x))
+
+    def _gan(self, pred: torch.Tensor, real: bool) -> torch.Tensor:
+        target = torch.ones_like(pred) if real else torch.zeros_like(pred)
+        if self.cfg.loss.type == "lsgan":
+            return F.mse_loss(pred, target)
+        return F.binary_cross_entropy_with_logits(pred, target)
+
+    def g_step(self) -> dict[str, torch.Tensor]:
+        a, b = self._load(self.data_a, self.sampler_a), self._load(self.data_b, self.sampler_b)
+        lc, li = self.cfg.loss.lambda_cycle, self.cfg.loss.lambda_identity
+        for D in (self.D_a, self.D_b):
+            D.requires_grad_(False)
+        with self.rt.autocast():
+            fake_b, fake_a = self.G_ab(a), self.G_ba(b)
+            rec_a, rec_b = self.G_ba(fake_b), self.G_ab(fake_a)
+            gan_ab = self._gan(self.D_b(fake_b).float(), True)
+            gan_ba = self._gan(self.D_a(fake_a).float(), True)
+            cyc = F.l1_loss(rec_a.float(), a) + F.l1_loss(rec_b.float(), b)
+            loss = gan_ab + gan_ba + lc * cyc
+            idt = torch.zeros((), device=a.device)
+            if li > 0:
+                idt = F.l1_loss(self.G_ab(b).float(), b) + F.l1_loss(self.G_ba(a).float(), a)
+                loss = loss + lc * li * idt
+        opt = self.optimizers["G"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for D in (self.D_a, self.D_b):
+            D.requires_grad_(True)
+        self._fakes = (fake_a.detach(), fake_b.detach())
+        self._batch = (a, b)
+        return {"loss_g": loss.detach(), "loss_g_gan": (gan_ab + gan_ba).detach(),
+                "loss_cycle": cyc.detach(), "loss_idt": idt.detach()}
+
+    def d_step(self) -> dict[str, torch.Tensor]:
+        a, b = self._batch
+        fake_a, fake_b = self.pool_a.query(self._fakes[0]), self.pool_b.query(self._fakes[1])
+        with self.rt.autocast():
+            loss_a = 0.5 * (self._gan(self.D_a(a).float(), True) + self._gan(self.D_a(fake_a).float(), False))
+            loss_b = 0.5 * (self._gan(self.D_b(b).float(), True) + self._gan(self.D_b(fake_b).float(), False))
+        opt = self.optimizers["D"]
+        opt.zero_grad(set_to_none=True)
+        (loss_a + loss_b).backward()
+        opt.step()
+        return {"loss_d": (loss_a + loss_b).detach(), "loss_d_a": loss_a.detach(), "loss_d_b": loss_b.detach()}
+
+    @torch.no_grad()
+    def sample_grid(self, gens: dict[str, nn.Module]) -> tuple[torch.Tensor, int, list[str]]:
+        """Rows A | G_ab(A) | G_ba(G_ab(A)) and B | G_ba(B) | G_ab(G_ba(B)), same crops every time."""
+        G_ab, G_ba = gens["G_ab"], gens["G_ba"]
+        modes = (G_ab.training, G_ba.training)
+        G_ab.eval(), G_ba.eval()
+        a, b = self.grid_a.to(self.rt.device), self.grid_b.to(self.rt.device)
+        with self.rt.autocast():
+            fb, fa = G_ab(a).float(), G_ba(b).float()
+            ra, rb = G_ba(fb).float(), G_ab(fa).float()
+        G_ab.train(modes[0]), G_ba.train(modes[1])
+        rows, labels = [], []
+        for i in range(a.shape[0]):
+            rows += [a[i], fb[i], ra[i]]
+            labels.append("A > B > A")
+        for i in range(b.shape[0]):
+            rows += [b[i], fa[i], rb[i]]
+            labels.append("B > A > B")
+        return torch.stack(rows).cpu(), 3, labels
+
+    def extra_state(self) -> dict:
+        return {"sampler_a": self.sampler_a.state_dict(), "sampler_b": self.sampler_b.state_dict(),
+                "gen": self.gen.get_state(), "pool_a": self.pool_a.state_dict(),
+                "pool_b": self.pool_b.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.sampler_a.load_state_dict(state["sampler_a"])
+        self.sampler_b.load_state_dict(state["sampler_b"])
+        self.gen.set_state(state["gen"])
+        self.pool_a.load_state_dict(state["pool_a"], self.rt.device)
+        self.pool_b.load_state_dict(state["pool_b"], self.rt.device)
