@@ -95,7 +95,7 @@ def evaluate_run(run: str | Path, test_a: str | None = None, test_b: str | None 
         return items[:max_images] if max_images else items
 
     def translate(direction, rgb):
-        return translate_image(gens[direction], rgb, tile=tile, overlap=min(64, tile // 4))
+        return translate_image(gens[direction], rgb, tile=tile, overlap=tile // 8)
 
     # -- paired: G_ab(A) vs B beside identity / Reinhard / Macenko --------------------------
     pairs, unpaired = pair_by_name(dir_a, dir_b) if not on_train else ([], [])

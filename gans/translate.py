@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (PNGs + manifest.csv)")
     p.add_argument("--direction", required=True, choices=sorted(DIRECTIONS))
     p.add_argument("--tile", type=int, default=512, help="tile side for large images (multiple of 4)")
-    p.add_argument("--overlap", type=int, default=64, help="blending band between tiles, pixels")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="blending band between tiles, pixels (default: tile / 8)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema",
                    help="EMA generators when the run kept them (default), else the trained weights")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def _run_cli() -> int:
-        m = translate_folder(args.run, args.input, args.out, args.direction, args.tile, args.overlap,
+        overlap = args.tile // 8 if args.overlap is None else args.overlap
+        m = translate_folder(args.run, args.input, args.out, args.direction, args.tile, overlap,
                              args.weights, args.device, args.overwrite, not args.no_progress)
         print(f"gan-translate: wrote {sum(1 for _ in open(m)) - 1} images to {args.out}; manifest {m}")
         return 0

@@ -83,7 +83,7 @@ def open_rgb(path: str | Path) -> Image.Image:
 
 def read_rgb8(path: str | Path) -> np.ndarray:
     """``H x W x 3`` uint8 array of ``path`` (see the module doc for conversions)."""
-    return np.asarray(open_rgb(path), dtype=np.uint8)
+    return np.array(open_rgb(path), dtype=np.uint8)
 
 
 def list_images(folder: Path) -> list[Path]:

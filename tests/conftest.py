@@ -33,6 +33,15 @@ def lung_train() -> Path:
     return p if p.is_dir() else DEMO / "train"
 
 
+@pytest.fixture(scope="session")
+def stain_domains() -> tuple[Path, Path]:
+    """Unpaired H&E (A) and IHC (B) 256 px tiles (../shared/data/stain), else two demo classes."""
+    p = SHARED / "stain"
+    if p.is_dir():
+        return p / "trainA_he", p / "trainB_ihc"
+    return DEMO / "train" / "lung_aca", DEMO / "train" / "lung_n"
+
+
 @pytest.fixture
 def tile_folder(tmp_path, crc_mini) -> Path:
     """A writable copy of three classes of real tiles (4 per class at most)."""
@@ -73,3 +82,19 @@ def trained_run(tmp_path_factory, crc_mini) -> Path:
     finally:
         mp.undo()
     return out
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two checkpoints hold bit-identical weights, EMA, optimizer and scheduler state."""
+    import torch
+
+    for part in ("modules", "ema"):
+        for name in a[part]:
+            for k, v in a[part][name].items():
+                assert torch.equal(v, b[part][name][k]), f"{part}.{name}.{k} differs"
+    for name in a["optimizers"]:
+        sa, sb = a["optimizers"][name]["state"], b["optimizers"][name]["state"]
+        for i in sa:
+            for k in sa[i]:
+                assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
+    assert a["schedulers"] == b["schedulers"] and a["step"] == b["step"]

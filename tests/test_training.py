@@ -19,7 +19,7 @@ from gans.train_gan import load_data, main as train_main, train_gan
 from histosynth.checkpoint import CheckpointError, atomic_save, safe_load, sha256_file
 from histosynth.config import PROJECT_ROOT
 from histosynth.runtime import Runtime
-from conftest import tiny_config, tiny_overrides
+from conftest import assert_same_state, tiny_config, tiny_overrides
 
 
 def _args(root, out, family="sngan", **extra):
@@ -58,24 +58,6 @@ def test_discriminator_loss_falls_against_a_fixed_generator(crc_mini):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
-def _final_state(out):
-    ck = safe_load(RunPaths(out).checkpoint)
-    return ck
-
-
-def _assert_same_state(a, b):
-    for part in ("modules", "ema"):
-        for name in a[part]:
-            for k, v in a[part][name].items():
-                assert torch.equal(v, b[part][name][k]), f"{part}.{name}.{k} differs"
-    for name in a["optimizers"]:
-        sa, sb = a["optimizers"][name]["state"], b["optimizers"][name]["state"]
-        for i in sa:
-            for k in sa[i]:
-                assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
-    assert a["schedulers"] == b["schedulers"] and a["step"] == b["step"]
-
-
 @pytest.mark.parametrize("family", ["sngan", "wgan_gp"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(family, crc_mini, tmp_path, monkeypatch):
     extra = {"train.diffaugment": "color,translation,cutout", "train.lr_schedule": "linear",
@@ -99,7 +81,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(family, crc_mini,
     monkeypatch.setattr(GANTask, "g_step", real_g_step)
     assert train_main(["--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
 
-    _assert_same_state(_final_state(tmp_path / "full"), _final_state(tmp_path / "cut"))
+    assert_same_state(safe_load(RunPaths(tmp_path / "full").checkpoint),
+                      safe_load(RunPaths(tmp_path / "cut").checkpoint))
     steps = [json.loads(x)["step"] for x in RunPaths(tmp_path / "cut").metrics.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]       # the step-4 line of the killed run is not repeated
 
