@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from gans.config import TrainConfig
 from histosynth.config import require
-from histosynth.data import TileCache, flip_rot90, random_crop, to_unit_range
+from histosynth.data import BatchSampler, TileCache, flip_rot90, random_crop, to_unit_range
 from histosynth.runtime import Runtime
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +253,6 @@ class CycleGANTask:
         self.pool_a = ImagePool(cfg.loss.pool_size, t.seed + 3)
         self.pool_b = ImagePool(cfg.loss.pool_size, t.seed + 4)
         self.gen = torch.Generator().manual_seed(t.seed + 1)     # crops, flips, batch order
-        from histosynth.data import BatchSampler
         self.sampler_a = BatchSampler(len(data_a), t.batch_size, t.seed)
         self.sampler_b = BatchSampler(len(data_b), t.batch_size, t.seed + 5)
         self._fakes: tuple[torch.Tensor, torch.Tensor] | None = None

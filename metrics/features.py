@@ -1,0 +1,112 @@
+"""Feature extractors for distribution metrics, behind one interface. Nothing is downloaded.
+
+* ``inception``: torchvision's InceptionV3 pool features (2048-d), only from a local weights file
+  the user names (a torchvision ``inception_v3`` state dict). Inputs are resized to 299 px and
+  ImageNet-normalised.
+* ``efficientnet``: the penultimate layer (global-average-pooled, 1280-d for b0) of an
+  efficientnet-pytorch EfficientNet from a local file: ImageNet weights or, better for histology,
+  a classifier trained on the real training split. A randomly initialised EfficientNet is not
+  offered: its eval-mode features vanish (~1e-13), so distances in that space mean nothing.
+* ``pixels``: area-downsampled 8 x 8 RGB (192-d) in [0, 1]: transparent, needs no weights, the
+  pixel space of the memorisation check; it sees colour and layout, not tissue.
+
+Every extractor maps ``B x 3 x H x W`` uint8 to ``B x D`` float features and has a ``describe()``
+string that reports name that the report prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from histosynth.checkpoint import CheckpointError, safe_load
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def _state_dict(path: str | Path) -> dict:
+    obj = safe_load(path)
+    for key in ("state_dict", "model"):
+        if key in obj and isinstance(obj[key], dict):
+            return obj[key]
+    return obj
+
+
+class Extractor(nn.Module):
+    name = "base"
+    dim = 0
+    input_size = 224
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div(255.0)
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return (x - IMAGENET_MEAN.to(x.device)) / IMAGENET_STD.to(x.device)
+
+    def describe(self) -> str:
+        return self.name
+
+
+class InceptionExtractor(Extractor):
+    name, dim, input_size = "inception_v3", 2048, 299
+
+    def __init__(self, weights: str | Path):
+        super().__init__()
+        from torchvision.models import inception_v3
+
+        if not Path(weights).is_file():
+            raise CheckpointError(f"InceptionV3 weights not found: {weights} (histosynth never "
+                                  "downloads weights; point to a torchvision inception_v3 state dict)")
+        net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+        net.load_state_dict(_state_dict(weights))
+        net.fc = nn.Identity()
+        self.net, self.weights = net.eval(), str(weights)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.prepare(x))
+
+    def describe(self) -> str:
+        return f"InceptionV3 pool features (2048-d), weights {self.weights}"
+
+
+class EfficientNetExtractor(Extractor):
+    name = "efficientnet"
+
+    def __init__(self, weights: str | Path, variant: str = "efficientnet-b0", input_size: int = 224):
+        super().__init__()
+        from efficientnet_pytorch import EfficientNet
+
+        if not Path(weights).is_file():
+            raise CheckpointError(f"EfficientNet weights not found: {weights} (histosynth never "
+                                  "downloads weights; point to a local state dict)")
+        state = _state_dict(weights)
+        num_classes = state["_fc.weight"].shape[0] if "_fc.weight" in state else 1000
+        self.net = EfficientNet.from_name(variant, num_classes=num_classes).eval()
+        self.net.load_state_dict(state)
+        self.dim = self.net._fc.in_features
+        self.input_size, self.variant, self.weights = input_size, variant, weights
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.net.extract_features(self.prepare(x))          # B x C x h x w
+        return F.adaptive_avg_pool2d(h, 1).flatten(1)            # B x C
+
+    def describe(self) -> str:
+        return f"{self.variant} penultimate layer ({self.dim}-d), weights {self.weights}"
+
+
+class PixelExtractor(Extractor):
+    name, dim = "pixels", 192
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x.float() / 255.0, 8).flatten(1)   # B x 192
+
+    def describe(self) -> str:
+        return "pixels: 8 x 8 area-downsampled RGB (192-d), colour and layout only"
