@@ -52,6 +52,7 @@ class TileCache:
     classes: list[str]
     files: list[str]
     skipped: list[tuple[str, str]]
+    key: str = ""               # identifies the decoded content (files, sizes, times, settings)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -82,7 +83,7 @@ class TileCache:
                 skipped = [tuple(s) for s in meta["skipped"]]
                 warn_skipped(skipped, str(root))
                 return cls(images, np.asarray(meta["labels"], dtype=np.int64), meta["classes"],
-                           meta["files"], skipped)
+                           meta["files"], skipped, key)
 
         normalise = None
         if stain_norm == "macenko":
@@ -120,7 +121,7 @@ class TileCache:
             meta = {"version": CACHE_VERSION, "root": str(root), "classes": classes,
                     "files": files, "labels": labels, "skipped": skipped}
             atomic_write_text(json_path, json.dumps(meta))
-        return cls(images, labels_np, classes, files, skipped)
+        return cls(images, labels_np, classes, files, skipped, key)
 
 
 def _cache_key(root: Path, items, image_size, stain_norm, stain_reference) -> str:

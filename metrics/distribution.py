@@ -17,6 +17,7 @@ import contextlib
 import io
 import warnings
 
+import joblib
 import numpy as np
 import piq
 import torch
@@ -34,15 +35,19 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 def kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> float:
     size = min(1000, real.shape[0], fake.shape[0])
+    # several subsets only when they can differ (a set larger than the subset)
+    n_subsets = 50 if max(real.shape[0], fake.shape[0]) > size else 1
     torch.manual_seed(seed)                    # piq draws its subsets from the global generator
-    return float(piq.KID(subset_size=size, n_subsets=50).compute_metric(real, fake))
+    return float(piq.KID(average=True, subset_size=size, n_subsets=n_subsets).compute_metric(real, fake))
 
 
 def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict[str, float]:
     from prdc import compute_prdc
 
-    k = min(k, real.shape[0] - 1, fake.shape[0] - 1)
-    with contextlib.redirect_stdout(io.StringIO()):   # prdc prints the set sizes
+    k = max(1, min(k, real.shape[0] - 2, fake.shape[0] - 2))   # prdc needs k + 1 < n
+    # prdc prints the set sizes, and asks scikit-learn for 8 joblib workers per distance matrix:
+    # process start-up then costs ~100x the arithmetic (BLAS already uses every core)
+    with contextlib.redirect_stdout(io.StringIO()), joblib.parallel_config(backend="sequential"):
         out = compute_prdc(real.double().numpy(), fake.double().numpy(), nearest_k=k)
     return {name: float(v) for name, v in out.items()}
 
@@ -60,8 +65,8 @@ def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, k: int = 5, n_b
     """
     real, fake = real.detach().double().cpu(), fake.detach().double().cpu()
     n_min, dim = min(real.shape[0], fake.shape[0]), real.shape[1]
-    if n_min < 2:
-        raise ValueError(f"need at least 2 samples per set, got {real.shape[0]} real and {fake.shape[0]} fake")
+    if n_min < 3:
+        raise ValueError(f"need at least 3 samples per set, got {real.shape[0]} real and {fake.shape[0]} fake")
     if n_min < max(FID_MIN_SAMPLES, dim):
         warnings.warn(f"only {n_min} samples for {dim}-d features: FID is biased upwards at this size"
                       f"{' and its covariance is singular' if n_min <= dim else ''}; compare sets "
@@ -71,8 +76,8 @@ def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, k: int = 5, n_b
     rng = np.random.default_rng(seed)
     boots = []
     for b in range(n_boot):
-        ri = torch.from_numpy(rng.permutation(real.shape[0])[: max(2, int(0.8 * real.shape[0]))])
-        fi = torch.from_numpy(rng.permutation(fake.shape[0])[: max(2, int(0.8 * fake.shape[0]))])
+        ri = torch.from_numpy(rng.permutation(real.shape[0])[: max(3, int(0.8 * real.shape[0]))])
+        fi = torch.from_numpy(rng.permutation(fake.shape[0])[: max(3, int(0.8 * fake.shape[0]))])
         boots.append(_point(real[ri], fake[fi], k, seed + b + 1))
     out = {}
     for name, value in point.items():
