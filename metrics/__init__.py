@@ -1,1 +1,1 @@
-"""histosynth metrics (see the README's roadmap)."""
+"""histosynth metrics: PIQ full-reference scores, distribution metrics, memorisation, piq-report."""

@@ -101,9 +101,10 @@ def _by_class(real: TileCache, fake: TileCache):
     return [(c, real.labels == real.classes.index(c), fake.labels == fake.classes.index(c)) for c in common]
 
 
-def _stain(cache: TileCache, mask=None) -> dict:
-    idx = np.flatnonzero(mask) if mask is not None else np.arange(len(cache))
-    rows = [stain_od(np.array(cache.images[i]).transpose(1, 2, 0)) for i in idx]
+def _stain(cache: TileCache, progress: bool = False) -> dict:
+    idx = np.arange(len(cache))
+    rows = [stain_od(np.array(cache.images[i]).transpose(1, 2, 0))
+            for i in tqdm(idx, desc="stain", unit="img", disable=not progress, leave=False)]
     return {c: mean_ci([r[c] for r in rows]) for c in STAIN_CHANNELS}
 
 
@@ -132,7 +133,7 @@ def build_report(real: str, fake: str, out: str, train: str | None = None, paire
                                                        n_boot=n_boot)
                                for c, mr, mf in _by_class(R, F) if mr.sum() >= 3 and mf.sum() >= 3}
         caught += sorted({str(x.message) for x in w})
-    result["stain"] = {"real": _stain(R), "fake": _stain(F)}
+    result["stain"] = {"real": _stain(R, progress), "fake": _stain(F, progress)}
     if paired:
         result["paired"] = paired_folder_scores(real, fake, progress=progress)
     if train:
