@@ -11,7 +11,6 @@ from typing import Literal, Optional
 
 from histosynth.config import require
 
-Choice = Literal  # alias for readability: string choices, never boolean flags
 
 
 @dataclass
@@ -22,15 +21,15 @@ class DataConfig:
     image_size: int = 64
     """Side of the square training tiles: 32, 64 or 128. Tiles are centre-cropped to a square and
     resized once (bicubic, antialiased) when the cache is built."""
-    stain_norm: Choice["none", "macenko"] = "none"
+    stain_norm: Literal["none", "macenko"] = "none"
     """Stain normalisation applied once when the cache is built (torchstain's Macenko)."""
     stain_reference: Optional[str] = None
     """Reference tile for Macenko; default: the first tile of the first class."""
-    augment: Choice["none", "flip", "flip_rot90"] = "flip_rot90"
+    augment: Literal["none", "flip", "flip_rot90"] = "flip_rot90"
     """Real-image augmentation on the cached tensor each step: flips, or all 8 dihedral
     symmetries (tissue has no 'up'). This widens the data; DiffAugment (train.diffaugment)
     is the separate, differentiable augmentation of both real and fake images seen by D."""
-    cache: Choice["disk", "memory"] = "disk"
+    cache: Literal["disk", "memory"] = "disk"
     """``disk``: the decoded uint8 tiles are kept as a memory-mapped .npy in ``cache_dir`` and
     reused by later runs; ``memory``: decoded for this run only."""
     cache_dir: Optional[str] = None
@@ -45,7 +44,7 @@ class DataConfig:
 class ModelConfig:
     family: str = "sngan"
     """Registered family: dcgan | sngan | wgan_gp (``gans.list_families()``)."""
-    conditioning: Choice["class", "none"] = "class"
+    conditioning: Literal["class", "none"] = "class"
     """``class``: one model makes every class (class-conditional G, projection D);
     ``none``: unconditional (class folders are still read; labels are ignored)."""
     z_dim: int = 128
@@ -71,7 +70,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    type: Choice["auto", "hinge", "bce", "wasserstein", "lsgan"] = "auto"
+    type: Literal["auto", "hinge", "bce", "wasserstein", "lsgan"] = "auto"
     """Adversarial loss; ``auto`` uses the family's paper loss (dcgan: bce (non-saturating),
     sngan: hinge, wgan_gp: wasserstein)."""
     gp_weight: float = 0.0
@@ -107,7 +106,7 @@ class TrainConfig:
     """Discriminator learning rate."""
     betas: tuple[float, float] = (0.5, 0.999)
     """Adam betas (DCGAN: 0.5, 0.999; SNGAN / WGAN-GP ResNets: 0.0, 0.9)."""
-    lr_schedule: Choice["constant", "linear"] = "constant"
+    lr_schedule: Literal["constant", "linear"] = "constant"
     """``linear``: constant until ``lr_decay_start``, then linear decay to 0 at ``steps``."""
     lr_decay_start: Optional[int] = None
     """Step at which the linear decay starts (``lr_schedule: linear``); null: half of ``steps``
@@ -119,11 +118,11 @@ class TrainConfig:
     diffaugment: str = ""
     """DiffAugment policy (Zhao 2020) for D's inputs, real and fake: comma-separated subset of
     color, translation, cutout; '' turns it off. Recommended for small data sets."""
-    device: Choice["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: CUDA when present, else CPU."""
-    amp: Choice["auto", "bf16", "off"] = "auto"
+    amp: Literal["auto", "bf16", "off"] = "auto"
     """Mixed precision autocast; ``auto``: bf16 on CUDA GPUs that support it, off on CPU."""
-    channels_last: Choice["auto", "on", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
     """NHWC memory layout; ``auto``: on for CUDA."""
     samples_per_class: int = 8
     """Columns of the sample grid (one row per class, fixed noise)."""
