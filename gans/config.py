@@ -126,6 +126,12 @@ class TrainConfig:
     """NHWC memory layout; ``auto``: on for CUDA."""
     samples_per_class: int = 8
     """Columns of the sample grid (one row per class, fixed noise)."""
+    kid_every: int = 0
+    """Log KID between generated and real tiles to metrics.jsonl every this many steps (and at
+    the end); 0: off. GANs: EMA samples vs real tiles of the same class mix; CycleGAN: G_ab(A)
+    vs B (domain KID). Measured in the pixel feature space (8 x 8 RGB) of metrics.features."""
+    kid_samples: int = 256
+    """Tiles per side for that KID (fixed noise and fixed real tiles, so values compare)."""
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "checkpoint_every", "sample_every", "log_every",
@@ -136,6 +142,8 @@ class TrainConfig:
         require(all(0 <= b < 1 for b in self.betas), "betas", f"each must be in [0, 1), got {self.betas}")
         require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         require(self.ema_start >= 0, "ema_start", f"must be >= 0, got {self.ema_start}")
+        require(self.kid_every >= 0, "kid_every", f"must be >= 0 (0: off), got {self.kid_every}")
+        require(self.kid_samples >= 4, "kid_samples", f"must be >= 4, got {self.kid_samples}")
         if self.lr_decay_start is None:
             self.lr_decay_start = self.steps // 2
         require(0 <= self.lr_decay_start <= self.steps, "lr_decay_start",

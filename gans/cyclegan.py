@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from gans.config import TrainConfig
 from histosynth.config import require
-from histosynth.data import BatchSampler, TileCache, flip_rot90, random_crop, to_unit_range
+from histosynth.data import BatchSampler, TileCache, flip_rot90, random_crop, to_uint8, to_unit_range
 from histosynth.runtime import Runtime
 
 # ----------------------------------------------------------------------------------------------
@@ -339,6 +339,21 @@ class CycleGANTask:
             rows += [b[i], fa[i], rb[i]]
             labels.append("B > A > B")
         return torch.stack(rows).cpu(), 3, labels
+
+    @torch.no_grad()
+    def kid_pair(self, gens: dict[str, nn.Module], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real B, G_ab(A)) uint8 centre crops for the training-time domain KID."""
+        G = gens["G_ab"]
+        was_training = G.training
+        G.eval()
+        a = self._centre(self.data_a, min(n, len(self.data_a)))
+        fakes = []
+        for s in range(0, a.shape[0], 16):
+            with self.rt.autocast():
+                fakes.append(to_uint8(G(a[s:s + 16].to(self.rt.device))).cpu())
+        G.train(was_training)
+        real = to_uint8(self._centre(self.data_b, min(n, len(self.data_b))))
+        return real, torch.cat(fakes)
 
     def extra_state(self) -> dict:
         return {"sampler_a": self.sampler_a.state_dict(), "sampler_b": self.sampler_b.state_dict(),

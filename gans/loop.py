@@ -173,10 +173,24 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
             "rng": _rng_state(), "extra": task.extra_state(),
         }, paths.checkpoint)
 
+    def generators() -> dict[str, torch.nn.Module]:
+        return {n: (emas[n].module if n in emas else task.modules[n]) for n in task.ema_names}
+
     def save_samples(step: int) -> None:
-        gens = {n: (emas[n].module if n in emas else task.modules[n]) for n in task.ema_names}
-        imgs, nrow, labels = task.sample_grid(gens)
+        imgs, nrow, labels = task.sample_grid(generators())
         save_grid(imgs, nrow, labels, paths.samples / f"step_{step:06d}.png")
+
+    def log_kid(step: int, log) -> None:
+        from metrics.distribution import kid
+        from metrics.features import PixelExtractor
+
+        real, fake = task.kid_pair(generators(), t.kid_samples)
+        ext = PixelExtractor()
+        value = kid(ext(real).double(), ext(fake).double())
+        log.write(json.dumps({"step": step, "kid": value}) + "\n")
+        log.flush()
+        if tb is not None:
+            tb.add_scalar("kid", value, step)
 
     tb = _tensorboard(paths.root)
     sums: dict[str, torch.Tensor] = {}
@@ -222,6 +236,8 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
                     sums, n_acc, t_log, last_logged = {}, 0, now, row
                 if step % t.sample_every == 0 or step == t.steps:
                     save_samples(step)
+                if t.kid_every and (step % t.kid_every == 0 or step == t.steps):
+                    log_kid(step, log)
                 if step % t.checkpoint_every == 0 or step == t.steps:
                     if sums:                     # losses since the last log: check before saving
                         _check_finite({k: v.item() for k, v in sums.items()}, step, last_good, paths)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from gans.config import GANConfig
 from gans.diffaugment import diff_augment, parse_policy
 from gans.registry import create_model
-from histosynth.data import BatchSampler, TileCache, flip_rot90, to_unit_range
+from histosynth.data import BatchSampler, TileCache, flip_rot90, to_uint8, to_unit_range
 from histosynth.runtime import Runtime
 
 
@@ -155,6 +155,25 @@ class GANTask:
         G.train(was_training)
         labels = self.data.classes if self.num_classes else ["(unconditional)"]
         return imgs, self.cfg.train.samples_per_class, labels
+
+    @torch.no_grad()
+    def kid_pair(self, gens: dict[str, nn.Module], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real, generated) uint8 batches for the training-time KID: a fixed seeded subset of real
+        tiles and as many EMA samples from fixed noise with the same class labels."""
+        g = torch.Generator().manual_seed(self.cfg.train.seed + 7)
+        idx = torch.randperm(len(self.data), generator=g)[:n]
+        real = torch.from_numpy(np.array(self.data.images[idx.numpy()]))
+        z = torch.randn(len(idx), self.cfg.model.z_dim, generator=g)
+        y = self.labels[idx].to(self.rt.device) if self.num_classes else None
+        G = gens["G"]
+        was_training = G.training
+        G.eval()
+        fakes = []
+        for s in range(0, len(idx), 64):
+            with self.rt.autocast():
+                fakes.append(to_uint8(G(z[s:s + 64].to(self.rt.device), None if y is None else y[s:s + 64])).cpu())
+        G.train(was_training)
+        return real, torch.cat(fakes)
 
     def extra_state(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "aug_gen": self.aug_gen.get_state(),

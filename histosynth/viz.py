@@ -40,14 +40,17 @@ def plot_curves(jsonl: str | Path, path: str | Path, keys: list[str] | None = No
     rows = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
     if not rows:
         return
-    keys = keys or [k for k in rows[-1] if k.startswith(("loss", "d_", "gp"))]
+    if keys is None:
+        keys = []
+        for r in rows:
+            keys += [k for k in r if k.startswith(("loss", "d_", "gp", "kid")) and k not in keys]
     if not keys:
         return
     sns.set_theme(style="whitegrid", context="notebook")
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
-    steps = [r["step"] for r in rows]
     for ax, k in zip(axes[0], keys):
-        ax.plot(steps, [r.get(k, float("nan")) for r in rows], lw=1.2)
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, marker="o" if k == "kid" else None, ms=3)
         ax.set_title(k)
         ax.set_xlabel("step")
     fig.tight_layout()

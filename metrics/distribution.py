@@ -37,8 +37,10 @@ def kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> float:
     size = min(1000, real.shape[0], fake.shape[0])
     # several subsets only when they can differ (a set larger than the subset)
     n_subsets = 50 if max(real.shape[0], fake.shape[0]) > size else 1
-    torch.manual_seed(seed)                    # piq draws its subsets from the global generator
-    return float(piq.KID(average=True, subset_size=size, n_subsets=n_subsets).compute_metric(real, fake))
+    with torch.random.fork_rng(devices=[]):    # piq draws subsets from the global generator:
+        torch.manual_seed(seed)                # seed it here without disturbing the caller's
+        return float(piq.KID(average=True, subset_size=size, n_subsets=n_subsets)
+                     .compute_metric(real, fake))
 
 
 def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict[str, float]:

@@ -227,3 +227,11 @@ def test_cyclegan_config_checks(stain_domains):
         tiny_cycle_config(*stain_domains, **{"data.test_a": "x"})
     with pytest.raises(ConfigError, match="model.ngff: unknown key; did you mean model.ngf"):
         tiny_cycle_config(*stain_domains, **{"model.ngff": 3})
+
+
+def test_domain_kid_is_logged(stain_domains, tmp_path):
+    cfg = tiny_cycle_config(*stain_domains, **{"train.kid_every": 3, "train.kid_samples": 8,
+                                               "eval.max_images": 1})
+    train_gan(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in RunPaths(tmp_path / "run").metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if "kid" in r] == [3, 6]

@@ -90,24 +90,28 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(family, crc_mini,
 def test_sigkill_then_resume_reaches_the_final_step(crc_mini, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    args = _args(crc_mini, out, "dcgan", **{"train.steps": 400, "train.checkpoint_every": 7,
-                                            "train.sample_every": 100})
+    total = 600
+    args = _args(crc_mini, out, "dcgan", **{"train.steps": total, "train.checkpoint_every": 7,
+                                            "train.sample_every": 500})
     proc = subprocess.Popen([sys.executable, "-m", "gans.train_gan", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ck = RunPaths(out).checkpoint
+    paths = RunPaths(out)
     deadline = time.time() + 120
-    while time.time() < deadline and not ck.is_file():
-        time.sleep(0.05)
-    time.sleep(0.3)
+    while time.time() < deadline and proc.poll() is None:      # kill between checkpoints
+        if paths.checkpoint.is_file() and paths.metrics.is_file() and \
+                len(paths.metrics.read_text().splitlines()) >= 24:
+            break
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    ck = paths.checkpoint
     assert ck.is_file(), "no checkpoint appeared before the kill"
     killed_at = safe_load(ck)["step"]
-    assert killed_at < 400
+    assert 7 <= killed_at < total
     assert train_main(["--resume", str(out), "--no-progress"]) == 0
-    assert safe_load(ck)["step"] == 400
-    steps = [json.loads(x)["step"] for x in RunPaths(out).metrics.read_text().splitlines()]
-    assert steps == list(range(1, 401))
+    assert safe_load(ck)["step"] == total
+    steps = [json.loads(x)["step"] for x in paths.metrics.read_text().splitlines()]
+    assert steps == list(range(1, total + 1))
     assert not [f for f in ck.parent.iterdir() if f.name != "last.pt"]   # no temp files left
 
 
@@ -224,3 +228,25 @@ def test_unconditional_run_has_one_grid_row_and_ignores_labels(crc_mini, tmp_pat
     assert ck["extra"]["num_classes"] == 0
     assert not any("embed" in k for k in ck["modules"]["D"])
     assert Image.open(RunPaths(out).samples / "step_000006.png").height == 34 + 2
+
+
+def test_kid_is_logged_during_training_and_resume_stays_exact(crc_mini, tmp_path, monkeypatch):
+    extra = {"train.kid_every": 2, "train.kid_samples": 16}
+    cfg = tiny_config(crc_mini, **extra)
+    train_gan(cfg, tmp_path / "full", progress=False)
+    rows = [json.loads(x) for x in RunPaths(tmp_path / "full").metrics.read_text().splitlines()]
+    kids = [r for r in rows if "kid" in r]
+    assert [r["step"] for r in kids] == [2, 4, 6] and all(r["kid"] == r["kid"] for r in kids)
+    # the KID pass must not touch the training random streams: same weights as without it
+    train_gan(tiny_config(crc_mini), tmp_path / "plain", progress=False)
+    assert_same_state(safe_load(RunPaths(tmp_path / "full").checkpoint),
+                      safe_load(RunPaths(tmp_path / "plain").checkpoint))
+
+
+def test_kid_does_not_disturb_the_global_rng():
+    from metrics.distribution import kid
+    torch.manual_seed(123)
+    a, b = torch.randn(20, 8).double(), torch.randn(30, 8).double()
+    before = torch.get_rng_state()
+    kid(a, b)
+    assert torch.equal(before, torch.get_rng_state())
