@@ -11,7 +11,6 @@ Also runs as ``python -m gans.generate``.
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from gans.config import GANConfig
 from gans.loop import CHECKPOINT_FORMAT, RunDirError, generator_state
 from gans.registry import create_model, list_families
 from histosynth import config as configlib
-from histosynth.checkpoint import CheckpointError, atomic_write, safe_load, sha256_file
+from histosynth.checkpoint import CheckpointError, atomic_write_csv, safe_load, sha256_file
 from histosynth.cli import register_user_error, run_cli
 from histosynth.data import to_uint8
 
@@ -87,13 +86,7 @@ def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
         bar.update(len(chunk))
     bar.close()
     manifest = out / "manifest.csv"
-
-    def write(f):
-        w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-
-    atomic_write(manifest, write, mode="w")
+    atomic_write_csv(manifest, rows, MANIFEST_FIELDS)
     return manifest
 
 

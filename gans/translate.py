@@ -12,7 +12,6 @@ Also runs as ``python -m gans.translate``.
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 from gans.cyclegan import CycleGANConfig, ResnetGenerator
 from gans.loop import CHECKPOINT_FORMAT, RunDirError, generator_state
 from histosynth import config as configlib
-from histosynth.checkpoint import CheckpointError, atomic_write, safe_load, sha256_file
+from histosynth.checkpoint import CheckpointError, atomic_write, atomic_write_csv, safe_load, sha256_file
 from histosynth.cli import register_user_error, run_cli
 from histosynth.data import to_uint8, to_unit_range
 from histosynth.images import UnreadableImage, list_images, read_rgb8, warn_skipped
@@ -140,12 +139,7 @@ def translate_folder(run: str | Path, input_dir: str | Path, out: str | Path, di
                      "direction": direction, "sha256": sha256_file(dst)})
     warn_skipped(skipped, str(input_dir))
 
-    def write(fh):
-        w = csv.DictWriter(fh, fieldnames=["source", "output", "checkpoint_sha256", "direction", "sha256"])
-        w.writeheader()
-        w.writerows(rows)
-
-    atomic_write(out / "manifest.csv", write, mode="w")
+    atomic_write_csv(out / "manifest.csv", rows, ["source", "output", "checkpoint_sha256", "direction", "sha256"])
     return out / "manifest.csv"
 
 

@@ -51,6 +51,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w")
 
 
+def atomic_write_csv(path: str | Path, rows: list[dict], fields: list[str]) -> None:
+    """A CSV manifest (header + one row per dict), written atomically."""
+    import csv
+
+    def write(f):
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+    atomic_write(path, write, mode="w")
+
+
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
     path = Path(path)

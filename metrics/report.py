@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from histosynth.checkpoint import atomic_save, atomic_write_text, safe_load
+from histosynth.checkpoint import atomic_save, atomic_write_csv, atomic_write_text, safe_load
 from histosynth.cli import register_user_error, run_cli
 from histosynth.data import TileCache, default_cache_dir
 from histosynth.stain import STAIN_CHANNELS, stain_od
@@ -173,12 +173,10 @@ def _filter(F: TileCache, fake_root: Path, dst: Path, mem: dict) -> dict:
     manifest = fake_root / "manifest.csv"
     if manifest.is_file():
         keep = set(kept)
-        rows = [r for r in csv.DictReader(open(manifest)) if r.get("file") in keep]
+        with open(manifest, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("file") in keep]
         if rows:
-            with open(dst / "manifest.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
+            atomic_write_csv(dst / "manifest.csv", rows, list(rows[0]))
     return {"folder": str(dst), "kept": len(kept), "removed": int(flagged.sum())}
 
 

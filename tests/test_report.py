@@ -39,6 +39,9 @@ def test_report_files_rows_memorisation_and_filter(synth, crc_mini, tmp_path):
         assert d < 1e-4 < mem["threshold"]                            # the planted copy is closest
     assert not list(filt.rglob("planted_copy.png"))
     assert len(list(filt.rglob("*.png"))) == 3 * len(classes)
+    import csv
+    kept = list(csv.DictReader(open(filt / "manifest.csv")))       # the manifest follows the copy
+    assert len(kept) == 3 * len(classes) and all((filt / r["file"]).is_file() for r in kept)
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 5 and "<table>" in page
     assert "Memorisation" in (out / "report.md").read_text()
