@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from gans.config import TrainConfig
 from histosynth.config import require
 from histosynth.data import BatchSampler, TileCache, flip_rot90, random_crop, to_uint8, to_unit_range
-from histosynth.runtime import Runtime
+from histosynth.runtime import Runtime, eval_mode
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -324,13 +324,10 @@ class CycleGANTask:
     def sample_grid(self, gens: dict[str, nn.Module]) -> tuple[torch.Tensor, int, list[str]]:
         """Rows A | G_ab(A) | G_ba(G_ab(A)) and B | G_ba(B) | G_ab(G_ba(B)), same crops every time."""
         G_ab, G_ba = gens["G_ab"], gens["G_ba"]
-        modes = (G_ab.training, G_ba.training)
-        G_ab.eval(), G_ba.eval()
         a, b = self.grid_a.to(self.rt.device), self.grid_b.to(self.rt.device)
-        with self.rt.autocast():
+        with eval_mode(G_ab, G_ba), self.rt.autocast():
             fb, fa = G_ab(a).float(), G_ba(b).float()
             ra, rb = G_ba(fb).float(), G_ab(fa).float()
-        G_ab.train(modes[0]), G_ba.train(modes[1])
         rows, labels = [], []
         for i in range(a.shape[0]):
             rows += [a[i], fb[i], ra[i]]
@@ -344,14 +341,11 @@ class CycleGANTask:
     def kid_pair(self, gens: dict[str, nn.Module], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(real B, G_ab(A)) uint8 centre crops for the training-time domain KID."""
         G = gens["G_ab"]
-        was_training = G.training
-        G.eval()
         a = self._centre(self.data_a, min(n, len(self.data_a)))
         fakes = []
-        for s in range(0, a.shape[0], 16):
-            with self.rt.autocast():
+        with eval_mode(G), self.rt.autocast():
+            for s in range(0, a.shape[0], 16):
                 fakes.append(to_uint8(G(a[s:s + 16].to(self.rt.device))).cpu())
-        G.train(was_training)
         real = to_uint8(self._centre(self.data_b, min(n, len(self.data_b))))
         return real, torch.cat(fakes)
 

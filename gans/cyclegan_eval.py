@@ -32,6 +32,7 @@ from histosynth.cli import run_cli
 from histosynth.config import ConfigError
 from histosynth.images import UnreadableImage, list_images, read_rgb8
 from histosynth.paths import resolve_data_path
+from histosynth.runtime import resolve_device
 from histosynth.stain import STAIN_CHANNELS, MacenkoStain, ReinhardStain, stain_od
 from histosynth.stats import mean_ci
 
@@ -75,8 +76,7 @@ def _summary(rows: list[dict[str, float]], keys) -> dict[str, dict[str, float]]:
 def evaluate_run(run: str | Path, test_a: str | None = None, test_b: str | None = None,
                  max_images: int | None = None, progress: bool = True) -> dict:
     run = Path(run)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    gens, cfg, ck, _ = load_translators(run, "ema", dev)
+    gens, cfg, ck, _ = load_translators(run, "ema", resolve_device())
     tile = cfg.eval.tile
     max_images = cfg.eval.max_images if max_images is None else max_images
     if (test_a is None) != (test_b is None):

@@ -11,7 +11,6 @@ Also runs as ``python -m gans.generate``.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,12 +19,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from gans.config import GANConfig
-from gans.loop import CHECKPOINT_FORMAT, RunDirError, generator_state
+from gans.loop import RunDirError, generator_state, load_run_checkpoint
 from gans.registry import create_model, list_families
 from histosynth import config as configlib
-from histosynth.checkpoint import CheckpointError, atomic_write_csv, safe_load, sha256_file
+from histosynth.checkpoint import atomic_write_csv, sha256_file
 from histosynth.cli import register_user_error, run_cli
 from histosynth.data import to_uint8
+from histosynth.paths import claim_output_dir
+from histosynth.runtime import resolve_device
 
 register_user_error(RunDirError)
 
@@ -34,15 +35,9 @@ MANIFEST_FIELDS = ["file", "class", "seed", "checkpoint_sha256", "step", "family
 
 def load_generator(run: str | Path, weights: str = "ema", device: str = "cpu"):
     """(generator in eval mode, classes, checkpoint dict, checkpoint path) of a GAN run."""
-    run = Path(run)
-    ck_path = run / "checkpoints" / "last.pt"
-    if not (run / "config.yaml").is_file():
-        raise RunDirError(f"{run} is not a histosynth run directory (no config.yaml)")
-    ck = safe_load(ck_path)
-    family = ck.get("family")
-    if ck.get("format") != CHECKPOINT_FORMAT or family not in list_families():
-        raise CheckpointError(f"{ck_path} holds a {family!r} model; gan-generate needs one of "
-                              f"{', '.join(list_families())}")
+    ck, ck_path = load_run_checkpoint(run, list_families(),
+                                      f"gan-generate needs one of {', '.join(list_families())}")
+    family = ck["family"]
     cfg, _, _ = configlib.load(GANConfig, None, base=ck["config"])
     num_classes = int(ck["extra"]["num_classes"])
     G, _ = create_model(family, cfg.data.image_size, num_classes, cfg.model.z_dim, cfg.model.ch)
@@ -58,13 +53,9 @@ def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
     """Write ``per_class`` tiles of every class into ``out``; returns the manifest path."""
     if per_class < 1:
         raise configlib.ConfigError("--per-class", f"must be >= 1, got {per_class}")
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    dev = resolve_device(device)
     G, classes, ck, ck_path = load_generator(run, weights, dev)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RunDirError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
+    out = claim_output_dir(out, overwrite)
     ck_sha = sha256_file(ck_path)
     jobs = [(c, j, seed + ci * per_class + j) for ci, c in enumerate(classes) for j in range(per_class)]
     rows = []

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 from histosynth.checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load
 from histosynth.config import dump_yaml, to_dict
+from histosynth.paths import claim_output_dir
 from histosynth.runtime import Runtime
 from histosynth.viz import plot_curves, save_grid
 
@@ -72,12 +72,8 @@ def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> RunPaths:
             raise RunDirError(f"cannot resume: {out} has no config.yaml (is it a histosynth run "
                               "directory?)")
         return paths
-    if paths.root.exists() and any(paths.root.iterdir()):
-        if not overwrite:
-            raise RunDirError(f"{out} already exists and is not empty; pass --resume {out} to "
-                              "continue that run, --overwrite to replace it, or another --out")
-        shutil.rmtree(paths.root)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(paths.root, overwrite, hint=f"pass --resume {out} to continue that run, "
+                                                 "--overwrite to replace it, or another --out")
     return paths
 
 
@@ -257,6 +253,18 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
                 pass
     return {"step": step, "seconds": time.perf_counter() - t0, "last": last_logged,
             "device": rt.describe()}
+
+
+def load_run_checkpoint(run: str | Path, families: list[str], tool: str) -> tuple[dict[str, Any], Path]:
+    """The last checkpoint of run directory ``run``, refused unless its family is in ``families``."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise RunDirError(f"{run} is not a histosynth run directory (no config.yaml)")
+    ck_path = RunPaths(run).checkpoint
+    ck = safe_load(ck_path)
+    if ck.get("format") != CHECKPOINT_FORMAT or ck.get("family") not in families:
+        raise CheckpointError(f"{ck_path} holds a {ck.get('family')!r} model; {tool}")
+    return ck, ck_path
 
 
 def generator_state(ck: dict[str, Any], name: str, weights: str = "ema") -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from gans.config import GANConfig
 from gans.diffaugment import diff_augment, parse_policy
 from gans.registry import create_model
 from histosynth.data import BatchSampler, TileCache, flip_rot90, to_uint8, to_unit_range
-from histosynth.runtime import Runtime
+from histosynth.runtime import Runtime, eval_mode
 
 
 class AdversarialLoss:
@@ -147,12 +147,9 @@ class GANTask:
     def sample_grid(self, gens: dict[str, nn.Module]) -> tuple[torch.Tensor, int, list[str]]:
         """Fixed-noise samples (one row per class): float images in [-1, 1], row length, row labels."""
         G = gens["G"]
-        was_training = G.training
-        G.eval()
         y = self.fixed_y.to(self.rt.device) if self.num_classes else None
-        with self.rt.autocast():
+        with eval_mode(G), self.rt.autocast():
             imgs = G(self.fixed_z.to(self.rt.device), y).float().cpu()
-        G.train(was_training)
         labels = self.data.classes if self.num_classes else ["(unconditional)"]
         return imgs, self.cfg.train.samples_per_class, labels
 
@@ -166,13 +163,10 @@ class GANTask:
         z = torch.randn(len(idx), self.cfg.model.z_dim, generator=g)
         y = self.labels[idx].to(self.rt.device) if self.num_classes else None
         G = gens["G"]
-        was_training = G.training
-        G.eval()
         fakes = []
-        for s in range(0, len(idx), 64):
-            with self.rt.autocast():
+        with eval_mode(G), self.rt.autocast():
+            for s in range(0, len(idx), 64):
                 fakes.append(to_uint8(G(z[s:s + 64].to(self.rt.device), None if y is None else y[s:s + 64])).cpu())
-        G.train(was_training)
         return real, torch.cat(fakes)
 
     def extra_state(self) -> dict:

@@ -12,7 +12,6 @@ Also runs as ``python -m gans.translate``.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,11 +22,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from gans.cyclegan import CycleGANConfig, ResnetGenerator
-from gans.loop import CHECKPOINT_FORMAT, RunDirError, generator_state
+from gans.loop import RunDirError, generator_state, load_run_checkpoint
 from histosynth import config as configlib
-from histosynth.checkpoint import CheckpointError, atomic_write, atomic_write_csv, safe_load, sha256_file
+from histosynth.checkpoint import atomic_write, atomic_write_csv, sha256_file
 from histosynth.cli import register_user_error, run_cli
 from histosynth.data import to_uint8, to_unit_range
+from histosynth.paths import claim_output_dir
+from histosynth.runtime import resolve_device
 from histosynth.images import UnreadableImage, list_images, read_rgb8, warn_skipped
 
 register_user_error(RunDirError)
@@ -37,14 +38,8 @@ DIRECTIONS = {"a2b": "G_ab", "b2a": "G_ba"}
 
 def load_translators(run: str | Path, weights: str = "ema", device: str = "cpu"):
     """({'a2b': G_ab, 'b2a': G_ba} in eval mode, config, checkpoint, checkpoint path) of a run."""
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise RunDirError(f"{run} is not a histosynth run directory (no config.yaml)")
-    ck_path = run / "checkpoints" / "last.pt"
-    ck = safe_load(ck_path)
-    if ck.get("format") != CHECKPOINT_FORMAT or ck.get("family") != "cyclegan":
-        raise CheckpointError(f"{ck_path} holds a {ck.get('family')!r} model; gan-translate needs a "
-                              "cyclegan run (for GAN families use gan-generate)")
+    ck, ck_path = load_run_checkpoint(run, ["cyclegan"], "gan-translate needs a cyclegan run "
+                                                        "(for GAN families use gan-generate)")
     cfg, _, _ = configlib.load(CycleGANConfig, None, base=ck["config"])
     gens = {}
     for direction, name in DIRECTIONS.items():
@@ -111,19 +106,14 @@ def translate_folder(run: str | Path, input_dir: str | Path, out: str | Path, di
     if tile < 16 or tile % 4 or not 0 <= overlap < tile // 2:
         raise configlib.ConfigError("--tile", f"tile must be a multiple of 4 >= 16 and overlap in "
                                               f"[0, tile/2); got tile {tile}, overlap {overlap}")
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    gens, _, ck, ck_path = load_translators(run, weights, dev)
+    gens, _, ck, ck_path = load_translators(run, weights, resolve_device(device))
     input_dir, out = Path(input_dir), Path(out)
     if not input_dir.is_dir():
         raise RunDirError(f"input folder not found: {input_dir}")
     files = list_images(input_dir)
     if not files:
         raise RunDirError(f"no images in {input_dir}")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RunDirError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, overwrite)
     ck_sha = sha256_file(ck_path)
     rows, skipped = [], []
     for f in tqdm(files, desc=f"translating {direction}", unit="img", disable=not progress):

@@ -9,10 +9,12 @@ from typing import Callable
 from histosynth.checkpoint import CheckpointError
 from histosynth.config import ConfigError
 from histosynth.images import DataError
+from histosynth.paths import OutputExistsError
 
 # Errors a user can fix; each message says what to change. Anything else is a bug: traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError,
-                                                FileNotFoundError, NotADirectoryError)
+                                                OutputExistsError, FileNotFoundError,
+                                                NotADirectoryError)
 
 
 def register_user_error(*types: type[BaseException]) -> None:

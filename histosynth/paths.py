@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from histosynth.config import PROJECT_ROOT
@@ -15,3 +16,19 @@ def resolve_data_path(path: str | Path) -> Path:
         return p
     alt = PROJECT_ROOT / p
     return alt.resolve() if alt.exists() else p
+
+
+class OutputExistsError(RuntimeError):
+    """An output folder already holds files and the user did not ask to replace them."""
+
+
+def claim_output_dir(path: str | Path, overwrite: bool,
+                     hint: str = "pass --overwrite to replace it, or another --out") -> Path:
+    """Make ``path`` an empty folder to write into; a non-empty one is refused unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"{path} already exists and is not empty; {hint}")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

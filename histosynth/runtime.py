@@ -8,6 +8,24 @@ from dataclasses import dataclass
 import torch
 
 
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module):
+    """Put ``modules`` in eval mode for the block and restore each one's own mode after."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else CPU; an explicit choice is checked."""
+    return Runtime.from_choices(device, "off", "off").device
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device

@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 from histosynth.checkpoint import atomic_save, atomic_write_csv, atomic_write_text, safe_load
 from histosynth.cli import register_user_error, run_cli
 from histosynth.data import TileCache, default_cache_dir
+from histosynth.paths import claim_output_dir
+from histosynth.runtime import resolve_device
 from histosynth.stain import STAIN_CHANNELS, stain_od
 from histosynth.stats import mean_ci
 from histosynth.viz import save_grid
@@ -81,7 +83,7 @@ def features(cache: TileCache, ext: Extractor, progress: bool, batch: int = 64) 
     path = default_cache_dir() / f"features-{cache.key}-{tag}.pt"
     if cache.key and path.is_file():
         return safe_load(path)["features"]
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device()
     ext = ext.to(dev)
     out = []
     for s in tqdm(range(0, len(cache), batch), desc=f"features ({ext.name})", unit="batch",
@@ -112,12 +114,7 @@ def build_report(real: str, fake: str, out: str, train: str | None = None, paire
                  extractor: str = "pixels", weights: str | None = None, size: int = 128,
                  filter_dir: str | None = None, overwrite: bool = False, progress: bool = True,
                  n_boot: int = 10) -> dict:
-    out_p = Path(out)
-    if out_p.exists() and any(out_p.iterdir()):
-        if not overwrite:
-            raise ReportError(f"{out} already exists and is not empty; pass --overwrite or another --out")
-        shutil.rmtree(out_p)
-    out_p.mkdir(parents=True, exist_ok=True)
+    out_p = claim_output_dir(out, overwrite)
     if filter_dir and not train:
         raise ReportError("--filter needs --train (the near-copies are found against the training set)")
     ext = make_extractor(extractor, weights)
