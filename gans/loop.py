@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from histosynth.checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load
 from histosynth.config import dump_yaml, to_dict
 from histosynth.paths import claim_output_dir
-from histosynth.runtime import Runtime
+from histosynth.runtime import NonFiniteLossError, Runtime
 from histosynth.viz import plot_curves, save_grid
 
 CHECKPOINT_FORMAT = "histosynth/1"
@@ -44,10 +44,6 @@ CHECKPOINT_FORMAT = "histosynth/1"
 
 class RunDirError(RuntimeError):
     """The output folder cannot be used as asked (exists, or is not a run); says what to pass."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or Inf; training stopped and the last good checkpoint was kept."""
 
 
 @dataclass

@@ -10,10 +10,11 @@ from histosynth.checkpoint import CheckpointError
 from histosynth.config import ConfigError
 from histosynth.images import DataError
 from histosynth.paths import OutputExistsError
+from histosynth.runtime import NonFiniteLossError
 
 # Errors a user can fix; each message says what to change. Anything else is a bug: traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError,
-                                                OutputExistsError, FileNotFoundError,
+                                                OutputExistsError, NonFiniteLossError, FileNotFoundError,
                                                 NotADirectoryError)
 
 

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 import torch
 
 
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or Inf; training stopped and the last good checkpoint was kept."""
+
+
 @contextlib.contextmanager
 def eval_mode(*modules: torch.nn.Module):
     """Put ``modules`` in eval mode for the block and restore each one's own mode after."""

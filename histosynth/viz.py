@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 from pathlib import Path
 
@@ -56,3 +58,44 @@ def plot_curves(jsonl: str | Path, path: str | Path, keys: list[str] | None = No
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
+
+
+def markdown_to_html(markdown: str, out: str | Path, title: str) -> str:
+    """A Markdown report (as histosynth writes them) as one self-contained HTML page: tables as
+    tables, headings, bullets, and every ``![](x.png)`` under ``out`` inlined as base64."""
+    out = Path(out)
+    body = []
+    in_table = False
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            if set(line) <= {"|", "-"}:
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+            body.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            name = line[line.index("(") + 1:-1]
+            if (out / name).is_file():
+                data = base64.b64encode((out / name).read_bytes()).decode()
+                body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("- "):
+            body.append(f"<p>&bull; {html.escape(line[2:])}</p>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 8px}th{background:#eef}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
