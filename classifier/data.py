@@ -1,0 +1,44 @@
+"""A dataset over decoded uint8 tiles (a :class:`histosynth.data.TileCache` or assembled arrays)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from classifier.model import IMAGENET_MEAN, IMAGENET_STD
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B x) 3 x H x W`` -> float, ImageNet mean/std (what efficientnet-pytorch expects)."""
+    mean, std = _MEAN.to(x.device), _STD.to(x.device)
+    return (x.float() - mean) / std
+
+
+class TileDataset(Dataset):
+    """``images``: N x 3 x S x S uint8 (array or memmap); ``labels``: N ints.
+
+    ``transform`` is an albumentations pipeline applied to ``S x S x 3`` uint8 tiles. Exposes
+    ``get_labels()`` for torchsampler's ImbalancedDatasetSampler.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get_labels(self) -> list[int]:
+        return self.labels.tolist()
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = np.asarray(self.images[i])                      # 3 x S x S uint8
+        if self.transform is not None and len(self.transform.transforms):
+            img = self.transform(image=np.ascontiguousarray(img.transpose(1, 2, 0)))["image"]
+            img = img.transpose(2, 0, 1)
+        return normalise(torch.from_numpy(np.ascontiguousarray(img))), int(self.labels[i])

@@ -1,0 +1,143 @@
+"""classifier/: metrics against scikit-learn and by hand, augmentation, weights, sampler, resume."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+from classifier.augment import POLICIES, build_augment
+from classifier.config import ClassifierConfig
+from classifier.data import TileDataset
+from classifier.metrics import classification_metrics
+from classifier.model import create_classifier
+from classifier.train import class_weights, fit
+from histosynth import config as configlib
+from histosynth.checkpoint import CheckpointError, safe_load
+from histosynth.data import TileCache
+
+
+def test_metrics_equal_sklearn_and_hand_computed_values():
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 1])
+    probs = np.array([[.8, .1, .1], [.5, .4, .1], [.2, .7, .1], [.1, .8, .1], [.3, .3, .4],
+                      [.1, .1, .8], [.2, .2, .6], [.6, .1, .3], [.1, .5, .4], [.2, .6, .2]])
+    m = classification_metrics(y, probs, ["a", "b", "c"])
+    pred = probs.argmax(1)            # 0 0 1 1 2 2 2 0 1 1
+    assert m["confusion"] == [[2, 1, 0], [0, 2, 1], [1, 1, 2]]
+    assert m["accuracy"] == pytest.approx(6 / 10)
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 2 / 3 + 2 / 4) / 3)
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    # by hand: class a: TP 2, FN 1, FP 1 (a 'c' predicted a), TN 6
+    assert m["per_class"]["a"]["sensitivity"] == pytest.approx(2 / 3)
+    assert m["per_class"]["a"]["specificity"] == pytest.approx(6 / 7)
+    assert m["per_class"]["b"]["specificity"] == pytest.approx(5 / 7)    # 2 non-b predicted b
+    assert m["per_class"]["c"]["specificity"] == pytest.approx(5 / 6)
+    assert m["per_class"]["c"]["support"] == 4
+
+
+def test_class_weights_are_sklearn_balanced():
+    from sklearn.utils.class_weight import compute_class_weight
+    y = np.array([0] * 12 + [1] * 4 + [2] * 2)
+    expect = compute_class_weight("balanced", classes=np.arange(3), y=y)
+    assert torch.allclose(class_weights(y, 3), torch.tensor(expect, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_augment_policies_keep_shape_and_are_seeded(policy, crc_mini):
+    tiles = TileCache.build(crc_mini, 64, progress=False)
+    img = np.ascontiguousarray(tiles.images[0].transpose(1, 2, 0))
+    a = [build_augment(policy, seed=3)(image=img)["image"] for _ in range(2)]
+    b = build_augment(policy, seed=3)(image=img)["image"]
+    assert a[0].shape == img.shape and a[0].dtype == np.uint8
+    assert np.array_equal(a[0], b)                      # same seed, same first draw
+    if policy == "none":
+        assert np.array_equal(a[0], img)
+    if policy == "classic":                             # colour/affine actually change pixels
+        outs = [build_augment(policy, seed=s)(image=img)["image"] for s in range(4)]
+        assert any(np.abs(o.astype(int) - img).mean() > 2 for o in outs)
+
+
+def test_balanced_sampler_balances_an_imbalanced_split(lung_train):
+    from torchsampler import ImbalancedDatasetSampler
+    tiles = TileCache.build(lung_train, 32, progress=False)
+    counts = np.bincount(tiles.labels)
+    assert counts.max() / counts.min() >= 3                   # really imbalanced (1200/400/120)
+    torch.manual_seed(0)
+    drawn = np.bincount(tiles.labels[list(ImbalancedDatasetSampler(TileDataset(tiles.images, tiles.labels)))],
+                        minlength=len(counts))
+    share = drawn / drawn.sum()
+    assert np.all(np.abs(share - 1 / len(counts)) < 0.05), share
+
+
+def test_weights_from_a_local_file_keep_the_backbone_and_replace_the_head(tmp_path):
+    src = create_classifier("efficientnet-b0", 1000)
+    torch.save(src.state_dict(), tmp_path / "imagenet.pth")
+    net = create_classifier("efficientnet-b0", 3, weights=tmp_path / "imagenet.pth")
+    assert net._fc.out_features == 3
+    assert torch.equal(net._conv_stem.weight, src._conv_stem.weight)
+    torch.save(create_classifier("efficientnet-b1", 3).state_dict(), tmp_path / "b1.pth")
+    with pytest.raises(CheckpointError, match="does not fit efficientnet-b0"):
+        create_classifier("efficientnet-b0", 3, weights=tmp_path / "b1.pth")
+    with pytest.raises(CheckpointError, match="never downloads"):
+        create_classifier("efficientnet-b0", 3, weights=tmp_path / "missing.pth")
+
+
+def test_config_names_the_bad_key():
+    with pytest.raises(configlib.ConfigError, match="model.variant.*efficientnet-b0"):
+        configlib.load(ClassifierConfig, None, ["model.variant=efficientnet-b00"])
+    with pytest.raises(configlib.ConfigError, match="train.lr: must be > 0"):
+        configlib.load(ClassifierConfig, None, ["train.lr=-1"])
+
+
+def _tiny_cfg(**train):
+    sets = ["model.image_size=32", "train.batch_size=8", "train.device=cpu", "train.patience=0",
+            "train.epochs=3"] + [f"train.{k}={v}" for k, v in train.items()]
+    return configlib.load(ClassifierConfig, None, sets)[0]
+
+
+def _tiles(crc_mini):
+    t = TileCache.build(crc_mini, 32, progress=False)
+    return t, TileDataset(t.images, t.labels, build_augment("classic", seed=0))
+
+
+def test_fit_loss_falls_and_keeps_the_best_checkpoint(crc_mini, tmp_path):
+    t, ds = _tiles(crc_mini)
+    cfg = _tiny_cfg(epochs=6, lr=3e-3)
+    res = fit(cfg, ds, t.images, t.labels, t.classes, tmp_path / "run", seed=0, progress=False)
+    losses = [h["train_loss"] for h in res["history"]]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    best = safe_load(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == res["best_epoch"] and best["classes"] == t.classes
+    assert best["val_balanced_accuracy"] == max(h["val_balanced_accuracy"] for h in res["history"])
+
+
+@pytest.mark.parametrize("sampler", ["random", "balanced"])
+def test_interrupted_fit_resumes_to_the_same_weights(sampler, crc_mini, tmp_path, monkeypatch):
+    t, ds = _tiles(crc_mini)
+    cfg = _tiny_cfg(epochs=3)
+    fit(cfg, ds, t.images, t.labels, t.classes, tmp_path / "whole", 0, sampler, progress=False)
+
+    import classifier.train as ct
+    real_predict, calls = ct.predict, {"n": 0}
+
+    def dying_predict(*a, **k):                 # validation of epoch 2 'crashes'
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_predict(*a, **k)
+
+    monkeypatch.setattr(ct, "predict", dying_predict)
+    _, ds2 = _tiles(crc_mini)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, ds2, t.images, t.labels, t.classes, tmp_path / "cut", 0, sampler, progress=False)
+    assert safe_load(tmp_path / "cut" / "last.pt")["state"]["epoch"] == 1
+    monkeypatch.setattr(ct, "predict", real_predict)
+    _, ds3 = _tiles(crc_mini)                   # a fresh process: fresh augmentation pipeline
+    fit(cfg, ds3, t.images, t.labels, t.classes, tmp_path / "cut", 0, sampler, progress=False)
+    a, b = safe_load(tmp_path / "whole" / "best.pt"), safe_load(tmp_path / "cut" / "best.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    # every epoch's training loss (to the last bit) and validation scores are the same
+    ha = safe_load(tmp_path / "whole" / "last.pt")["state"]["history"]
+    assert ha == safe_load(tmp_path / "cut" / "last.pt")["state"]["history"] and len(ha) == 3
