@@ -4,13 +4,16 @@
 
 Writes ``OUT/<class>/<class>_00000.png ...`` and ``OUT/manifest.csv`` with one row per tile: file,
 class, seed (the tile's own noise seed: the same seed gives the same tile), checkpoint sha256,
-step, family and the tile's own sha256 (so later stages can verify the set is untouched).
+step, family and the tile's own sha256 (so later stages can verify the set is untouched), and
+``OUT/source.json``: the generator's run and the sha256 of every file it was trained on (so
+augment-compare can refuse a generator that saw validation or test images).
 Also runs as ``python -m gans.generate``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from gans.config import GANConfig
 from gans.loop import RunDirError, generator_state, load_run_checkpoint
 from gans.registry import create_model, list_families
 from histosynth import config as configlib
-from histosynth.checkpoint import atomic_write_csv, sha256_file
+from histosynth.checkpoint import atomic_write_csv, atomic_write_text, sha256_file
 from histosynth.cli import register_user_error, run_cli
 from histosynth.data import to_uint8
 from histosynth.paths import claim_output_dir
@@ -78,7 +81,21 @@ def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
     bar.close()
     manifest = out / "manifest.csv"
     atomic_write_csv(manifest, rows, MANIFEST_FIELDS)
+    atomic_write_text(out / "source.json", json.dumps(_source(run, ck, ck_sha), indent=1))
     return manifest
+
+
+def _source(run: str | Path, ck: dict, ck_sha: str) -> dict:
+    """Provenance of a synthetic set: the generator's run and the sha256 of its training files."""
+    info = {"run": str(Path(run).resolve()), "family": ck["family"], "step": int(ck["step"]),
+            "checkpoint_sha256": ck_sha}
+    data_json = Path(run) / "data.json"
+    if data_json.is_file():
+        data = json.loads(data_json.read_text())
+        info["train_root"] = data.get("root")
+        if "files_sha256" in data:
+            info["train_files_sha256"] = sorted(set(data["files_sha256"].values()))
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from gans.cyclegan import CycleGANConfig  # noqa: E402
 from gans.loop import NonFiniteLossError, RunDirError, prepare_run_dir, run_training  # noqa: E402
 from histosynth import config as configlib  # noqa: E402
 from histosynth.cli import register_user_error, run_cli  # noqa: E402
-from histosynth.checkpoint import atomic_write_text  # noqa: E402
+from histosynth.checkpoint import atomic_write_text, sha256_file  # noqa: E402
 from histosynth.data import TileCache, default_cache_dir  # noqa: E402
 from histosynth.images import native_size  # noqa: E402
 from histosynth.paths import resolve_data_path  # noqa: E402
@@ -95,8 +95,12 @@ def train_gan(cfg: GANConfig | CycleGANConfig, out: str | Path, resume: bool = F
     from gans.losses import GANTask
 
     data = load_data(cfg, progress)
-    _write_data_json(paths, {"root": str(resolve_data_path(cfg.data.root)), "classes": data.classes,
-                             "counts": data.class_counts(), "skipped": data.skipped})
+    root = resolve_data_path(cfg.data.root)
+    # sha256 of every training file: gan-generate copies them into the synthetic set's
+    # source.json, so augment-compare can prove no validation/test image trained the generator
+    _write_data_json(paths, {"root": str(root.resolve()), "classes": data.classes,
+                             "counts": data.class_counts(), "skipped": data.skipped,
+                             "files_sha256": {f: sha256_file(root / f) for f in data.files}})
     return run_training(cfg, lambda c, rt: GANTask(c, data, rt), paths, cfg.model.family,
                         resume=resume, progress=progress)
 
