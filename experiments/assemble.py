@@ -1,0 +1,71 @@
+"""Training-set assembly: the real training split plus synthetic tiles at a ratio or a target.
+
+Validation and test sets are never touched here: they are real only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from experiments.config import SyntheticConfig
+from histosynth.config import ConfigError
+from histosynth.data import TileCache
+
+
+class AssemblyError(ValueError):
+    """The synthetic source cannot supply what an arm asks for; the message says what to change."""
+
+
+def synthetic_counts(real_counts: dict[str, int], spec: SyntheticConfig, where: str = "synthetic") -> dict[str, int]:
+    """Synthetic tiles to add per class.
+
+    ``ratio`` r: round(r * real count) per class (a mapping names only the classes it tops up);
+    ``target`` t: max(0, t - real count); ``balanced``: the largest real class's count.
+    """
+    classes = list(real_counts)
+    if spec.source == "none":
+        return {c: 0 for c in classes}
+
+    def check(mapping: dict, key: str) -> None:
+        unknown = [c for c in mapping if c not in real_counts]
+        if unknown:
+            raise ConfigError(f"{where}.{key}.{unknown[0]}", f"is not a class of the training split; "
+                                                            f"classes: {', '.join(classes)}")
+
+    if spec.ratio is not None:
+        if isinstance(spec.ratio, dict):
+            check(spec.ratio, "ratio")
+            return {c: int(round(spec.ratio.get(c, 0.0) * n)) for c, n in real_counts.items()}
+        return {c: int(round(spec.ratio * n)) for c, n in real_counts.items()}
+    if spec.target == "balanced":
+        top = max(real_counts.values())
+        return {c: top - n for c, n in real_counts.items()}
+    check(spec.target, "target")
+    return {c: max(0, spec.target.get(c, n) - n) for c, n in real_counts.items()}
+
+
+def assemble(real: TileCache, synth: TileCache | None, counts: dict[str, int], seed: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images N x 3 x S x S uint8, labels, is_synthetic) of real + ``counts`` synthetic per class.
+
+    Synthetic tiles are drawn without replacement by ``seed`` (a different subset per seed when
+    the pool is larger than needed); their labels are mapped onto the real class order.
+    """
+    images, labels, flags = [np.asarray(real.images)], [real.labels], [np.zeros(len(real), bool)]
+    rng = np.random.default_rng(seed)
+    for ci, c in enumerate(real.classes):
+        need = counts.get(c, 0)
+        if need == 0:
+            continue
+        if synth is None or c not in synth.classes:
+            raise AssemblyError(f"{need} synthetic {c} tiles are needed but the synthetic source has "
+                                f"no class {c!r}" + (f" (it has {', '.join(synth.classes)})" if synth else ""))
+        pool = np.flatnonzero(synth.labels == synth.classes.index(c))
+        if len(pool) < need:
+            raise AssemblyError(f"{need} synthetic {c} tiles are needed but the source has {len(pool)}; "
+                                "generate more (gan.per_class) or lower the ratio/target")
+        pick = np.sort(rng.choice(pool, size=need, replace=False))
+        images.append(np.asarray(synth.images[pick]))
+        labels.append(np.full(need, ci, dtype=np.int64))
+        flags.append(np.ones(need, bool))
+    return np.concatenate(images), np.concatenate(labels), np.concatenate(flags)

@@ -1,0 +1,343 @@
+"""augment-compare: does synthetic data help the classifier? An honest, resumable comparison.
+
+    augment-compare --cfg compare_demo.yaml --out runs/compare          # whole pipeline
+    augment-compare --cfg compare.yaml --out D --set data.root=/my/data --set seeds=[0,1,2,3,4]
+    augment-compare --out runs/compare --report-only                    # redraw the report
+
+One command runs every stage: the real splits (by group when a groups file exists) and the
+leakage guard; optionally a GAN trained on the training split and the synthetic set generated
+from it (verified against its manifest); then every arm x seed cell (an EfficientNet trained on
+the arm's training set, early-stopped on the real validation split, evaluated on the real test
+split), and the report. Re-running the same command continues: finished cells are skipped,
+a cell killed mid-training continues from its last epoch. Output folder::
+
+    OUT/config.yaml        the resolved config (a second run must match it, or --overwrite)
+    OUT/gan/run/           the GAN stage's run directory (train-gan layout)
+    OUT/gan/synthetic/     its synthetic tiles + manifest.csv + source.json
+    OUT/cells/ARM/seedS/   classifier run (best.pt, last.pt, history.json, test_predictions.npz)
+    OUT/results.csv        one row per finished cell (appended atomically)
+    OUT/summary.json, report.md, report.html, *.png
+
+Also runs as ``python -m experiments.augment_compare`` or ``python experiments/augment_compare.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python experiments/augment_compare.py` without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from classifier.augment import build_augment  # noqa: E402
+from classifier.data import TileDataset  # noqa: E402
+from classifier.metrics import classification_metrics  # noqa: E402
+from classifier.train import fit, load_best, predict  # noqa: E402
+from experiments.assemble import AssemblyError, assemble, synthetic_counts  # noqa: E402
+from experiments.config import CompareConfig  # noqa: E402
+from experiments.leakage import (LeakageError, check_groups, check_real, file_hashes,  # noqa: E402
+                                 verify_synthetic)
+from experiments.report import summarise, write_report  # noqa: E402
+from experiments.splits import SPLITS, resolve_splits  # noqa: E402
+from histosynth import config as configlib  # noqa: E402
+from histosynth.checkpoint import (atomic_write, atomic_write_csv, atomic_write_text,  # noqa: E402
+                                   safe_load, sha256_file)
+from histosynth.cli import register_user_error, run_cli  # noqa: E402
+from histosynth.data import TileCache, default_cache_dir  # noqa: E402
+from histosynth.images import DataError  # noqa: E402
+from histosynth.paths import OutputExistsError, claim_output_dir, resolve_data_path  # noqa: E402
+from histosynth.runtime import Runtime  # noqa: E402
+
+register_user_error(LeakageError, AssemblyError)
+
+SHUFFLE_SALT = 7919
+
+
+def load_compare_config(path, overrides: list[str]) -> tuple[CompareConfig, Path | None]:
+    cfg, _, resolved = configlib.load(CompareConfig, path, overrides)
+    return cfg, resolved
+
+
+# ----------------------------------------------------------------------------------------------
+# the output folder
+
+
+def _flatten(d, prefix: str = "") -> dict[str, object]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def claim_compare_dir(out: Path, cfg: CompareConfig, overwrite: bool) -> bool:
+    """Prepare ``out``; True when continuing an earlier run of the same config."""
+    saved = out / "config.yaml"
+    now = configlib.to_dict(cfg)
+    if saved.is_file() and not overwrite:
+        old = yaml.safe_load(saved.read_text()) or {}
+        a, b = _flatten(old), _flatten(now)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            raise OutputExistsError(f"{out} holds a comparison run with another config (differs in "
+                                    f"{', '.join(diff[:6])}); pass --overwrite to start over, or "
+                                    "another --out")
+        return True
+    claim_output_dir(out, overwrite, hint="pass --overwrite to replace it, or another --out")
+    atomic_write_text(saved, configlib.dump_yaml(cfg))
+    return False
+
+
+def read_results(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_result(path: Path, row: dict) -> list[dict]:
+    """Add ``row`` to results.csv by rewriting it atomically (a kill never leaves half a row)."""
+    rows = read_results(path) + [row]
+    fields = list(rows[0])
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    atomic_write_csv(path, rows, fields)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+
+def _cache_dir(cfg: CompareConfig) -> Path:
+    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+
+
+def load_splits(cfg: CompareConfig, out: Path, progress: bool):
+    splits = resolve_splits(cfg.data, out)
+    size = cfg.classifier.model.image_size
+    caches = {s: TileCache.build(splits.roots[s], size, cache_dir=_cache_dir(cfg), progress=progress)
+              for s in SPLITS}
+    classes = caches["train"].classes
+    for s in ("val", "test"):
+        if caches[s].classes != classes:
+            raise DataError(f"the {s} split has classes {caches[s].classes} but train has {classes}; "
+                            "every split needs the same class folders")
+    return splits, caches
+
+
+def leakage_checks(splits, caches, progress: bool) -> tuple[dict, dict[str, str]]:
+    hashes = {s: file_hashes(splits.roots[s], caches[s].files, progress, f"hashing {s}") for s in SPLITS}
+    check_real(hashes["train"], {"val": hashes["val"], "test": hashes["test"]})
+    info = {"content hashes": f"no validation/test file in train ({sum(len(h) for h in hashes.values())} files, sha256)"}
+    if splits.groups:
+        n = check_groups(splits.groups, {s: caches[s].files for s in SPLITS})
+        info["groups"] = f"no near-duplicate group spans train and val/test ({n} train groups, {splits.groups_file})"
+    else:
+        info["groups"] = "no groups file: tiles are assumed independent (give data.groups if they are not)"
+    evals = {h: f"{s}/{f}" for s in ("val", "test") for h, f in hashes[s].items()}
+    return info, evals
+
+
+def needed_per_class(cfg: CompareConfig, real_counts: dict[str, int], source: str) -> int:
+    need = 0
+    for i, arm in enumerate(cfg.arms):
+        if arm.synthetic.source == source:
+            need = max([need] + list(synthetic_counts(real_counts, arm.synthetic, f"arms[{i}].synthetic").values()))
+    return need
+
+
+def gan_stage(cfg: CompareConfig, train_root: Path, out: Path, per_class: int, progress: bool) -> Path:
+    """Train the configured GAN on the training split (or continue it) and generate from it."""
+    from gans.generate import generate
+    from gans.train_gan import load_config, train_gan
+
+    gcfg, _ = load_config(cfg.gan.config, list(cfg.gan.set) + [f"data.root={train_root.resolve()}"])
+    if getattr(gcfg.model, "family", "") == "cyclegan" or gcfg.model.conditioning != "class":
+        raise configlib.ConfigError("gan.config", f"{cfg.gan.config} is not a class-conditional GAN; the "
+                                                  "GAN stage needs one (dcgan.yaml, sngan.yaml, wgan_gp.yaml)")
+    run, synth = out / "gan" / "run", out / "gan" / "synthetic"
+    ck_path = run / "checkpoints" / "last.pt"
+    done = ck_path.is_file() and int(safe_load(ck_path).get("step", -1)) >= gcfg.train.steps
+    if not done:
+        resume = ck_path.is_file()
+        print(f"augment-compare: GAN stage: {'continuing' if resume else 'training'} {cfg.gan.config} "
+              f"on {train_root} ({gcfg.train.steps} steps) -> {run}", file=sys.stderr)
+        train_gan(gcfg, run, resume=resume, overwrite=not resume, progress=progress)
+    manifest, source = synth / "manifest.csv", synth / "source.json"
+    if manifest.is_file() and source.is_file():
+        import json
+        info = json.loads(source.read_text())
+        with open(manifest, newline="") as f:
+            counts: dict[str, int] = {}
+            for row in csv.DictReader(f):
+                counts[row["class"]] = counts.get(row["class"], 0) + 1
+        if info.get("checkpoint_sha256") == sha256_file(ck_path) and counts and min(counts.values()) >= per_class:
+            return synth
+    generate(run, synth, per_class, seed=cfg.gan.seed, overwrite=True, progress=progress,
+             device=cfg.classifier.train.device)
+    return synth
+
+
+def load_synthetic(cfg: CompareConfig, out: Path, splits, caches, evals: dict[str, str], progress: bool):
+    sources: dict[str, tuple[TileCache, dict]] = {}
+    wanted = {a.synthetic.source for a in cfg.arms} - {"none"}
+    size = cfg.classifier.model.image_size
+    for src in sorted(wanted):
+        if src == "gan":
+            per_class = cfg.gan.per_class if cfg.gan.per_class != "auto" else needed_per_class(
+                cfg, caches["train"].class_counts(), "gan")
+            root = gan_stage(cfg, splits.roots["train"], out, max(per_class, 1), progress)
+        else:
+            root = resolve_data_path(src)
+            if not root.is_dir():
+                raise DataError(f"synthetic source {src} is not a folder (give 'gan', 'none' or a folder "
+                                "written by gan-generate)")
+        cache = TileCache.build(root, size, cache_dir=_cache_dir(cfg), progress=progress)
+        prov = verify_synthetic(root, cache.files, evals, [splits.roots["val"], splits.roots["test"]],
+                                cfg.leakage.allow_unverified_synthetic)
+        sources[src] = (cache, {"root": str(root), "classes": cache.class_counts(), **prov})
+    return sources
+
+
+def run_cell(cfg: CompareConfig, arm, arm_index: int, seed: int, caches, sources, out: Path,
+             progress: bool) -> dict:
+    train, val, test = caches["train"], caches["val"], caches["test"]
+    counts = synthetic_counts(train.class_counts(), arm.synthetic, f"arms[{arm_index}].synthetic")
+    synth = sources[arm.synthetic.source][0] if arm.synthetic.source != "none" else None
+    images, labels, is_syn = assemble(train, synth, counts, seed)
+    if arm.labels == "shuffled":
+        labels = np.random.default_rng(seed + SHUFFLE_SALT).permutation(labels)
+    ds = TileDataset(images, labels, build_augment(arm.augment, seed))
+    ccfg = dataclasses.replace(cfg.classifier, train=dataclasses.replace(
+        cfg.classifier.train, class_weights=arm.class_weights))
+    cell = out / "cells" / arm.name / f"seed{seed}"
+    t0 = time.time()
+    res = fit(ccfg, ds, val.images, val.labels, train.classes, cell, seed, arm.sampler, progress,
+              desc=f"{arm.name} seed {seed}")
+    t = cfg.classifier.train
+    rt = Runtime.from_choices(t.device, t.amp, t.channels_last)
+    model, _ = load_best(cell, rt.device)
+    probs = predict(rt.prepare(model), test.images, rt)
+    m = classification_metrics(test.labels, probs, train.classes)
+    atomic_write(cell / "test_predictions.npz",
+                 lambda f: np.savez(f, probs=probs, labels=test.labels, classes=np.array(train.classes)))
+    minority = min(train.class_counts().items(), key=lambda kv: kv[1])[0]
+    row = {"arm": arm.name, "seed": seed, "n_train_real": int((~is_syn).sum()), "n_train_synthetic": int(is_syn.sum()),
+           "epochs_run": res["epochs_run"], "best_epoch": res["best_epoch"],
+           "val_balanced_accuracy": res["best_val_balanced_accuracy"],
+           **{k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auc")},
+           "minority_sensitivity": m["per_class"][minority]["sensitivity"]}
+    for c, pc in m["per_class"].items():
+        row[f"sensitivity:{c}"] = pc["sensitivity"]
+        row[f"specificity:{c}"] = pc["specificity"]
+        row[f"auc:{c}"] = pc["auc"]
+    row["seconds"] = round(time.time() - t0, 1)
+    row["cell_dir"] = str(cell.relative_to(out))
+    return row
+
+
+def run_compare(cfg: CompareConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
+                report_only: bool = False) -> dict:
+    """Run (or continue) the whole comparison into ``out``; returns the summary."""
+    out = Path(out)
+    if report_only:
+        if not (out / "config.yaml").is_file():
+            raise OutputExistsError(f"{out} is not an augment-compare output folder (no config.yaml)")
+    else:
+        resumed = claim_compare_dir(out, cfg, overwrite)
+        if resumed:
+            print(f"augment-compare: continuing {out} (finished cells are skipped)", file=sys.stderr)
+    splits, caches = load_splits(cfg, out, progress)
+    leak_info, evals = leakage_checks(splits, caches, progress)
+    results = out / "results.csv"
+    rows = read_results(results)
+    sources = {} if report_only else load_synthetic(cfg, out, splits, caches, evals, progress)
+    if not report_only:
+        done = {(r["arm"], int(r["seed"])) for r in rows}
+        todo = [(s, i, a) for s in cfg.seeds for i, a in enumerate(cfg.arms) if (a.name, s) not in done]
+        bar = tqdm(total=len(cfg.seeds) * len(cfg.arms), initial=len(cfg.seeds) * len(cfg.arms) - len(todo),
+                   desc="cells", unit="cell", disable=not progress)
+        for seed, i, arm in todo:
+            bar.set_postfix_str(f"{arm.name} seed {seed}")
+            rows = append_result(results, run_cell(cfg, arm, i, seed, caches, sources, out, progress))
+            bar.update(1)
+        bar.close()
+    wanted = {a.name for a in cfg.arms}
+    seeds = set(cfg.seeds)
+    rows = [dict(r, cell_dir=str(out / r["cell_dir"])) for r in rows
+            if r["arm"] in wanted and int(r["seed"]) in seeds]
+    train = caches["train"]
+    counts = train.class_counts()
+    extra = {
+        "n_test": len(caches["test"]),
+        "seeds": list(cfg.seeds),
+        "data": {
+            "split": f"{splits.method} ({', '.join(f'{s}: {splits.roots[s]}' for s in SPLITS)})",
+            **{f"{s} tiles": f"{len(caches[s])} ({', '.join(f'{c} {n}' for c, n in caches[s].class_counts().items())})"
+               for s in SPLITS},
+            "classifier": f"{cfg.classifier.model.variant} at {cfg.classifier.model.image_size} px, "
+                          f"weights {cfg.classifier.model.weights or 'none (from scratch)'}, "
+                          f"up to {cfg.classifier.train.epochs} epochs, early stopping patience "
+                          f"{cfg.classifier.train.patience} on validation balanced accuracy",
+            **{f"synthetic source {k}": v[1] for k, v in sources.items()},
+        },
+        "leakage": leak_info,
+    }
+    minority = min(counts.items(), key=lambda kv: kv[1])[0]
+    summary = summarise(rows, cfg.arms, train.classes, minority, cfg.report, extra)
+    write_report(summary, rows, out)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="augment-compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", help="YAML config (bare names resolve in configs/); default with "
+                                 "--report-only: OUT/config.yaml")
+    p.add_argument("--out", required=True, help="output folder; re-run the same command to continue")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set seeds=[0,1,2,3,4] (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
+    p.add_argument("--report-only", action="store_true", help="redraw the report from results.csv")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    path = args.cfg
+    if path is None:
+        if not args.report_only:
+            raise configlib.ConfigError("", "give --cfg CONFIG (e.g. --cfg compare_demo.yaml)")
+        path = Path(args.out) / "config.yaml"
+    cfg, _ = load_compare_config(path, args.set)
+    if args.dry_run:
+        print(configlib.dump_yaml(cfg), end="")
+        return 0
+    summary = run_compare(cfg, args.out, args.overwrite, not args.no_progress, args.report_only)
+    print(summary["verdict"])
+    print(f"augment-compare: report in {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli("augment-compare", lambda: _main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

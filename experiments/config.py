@@ -1,0 +1,161 @@
+"""Typed configuration of an ``augment-compare`` run.
+
+Sections: ``data`` (where the real train/val/test splits come from), ``gan`` (optional: train a
+generator on the training split and generate the synthetic set first), ``classifier`` (the
+EfficientNet and its training, shared by every arm), ``arms`` (what differs between arms),
+``seeds``, ``report`` and ``leakage``. Unknown keys, wrong types and out-of-range values fail
+with the dotted key (``arms[2].synthetic.ratio``) and the file or ``--set`` they came from.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from classifier.config import ClassifierConfig
+from histosynth.config import require
+
+
+@dataclass
+class CompareDataConfig:
+    root: str = "data/lung_demo"
+    """A folder holding ``train/``, ``val/`` and ``test/`` ImageFolder trees (``split: folders``),
+    or one ImageFolder tree that is split here (``split: groups`` or ``stratified``)."""
+    split: Literal["auto", "folders", "groups", "stratified"] = "auto"
+    """``folders``: use root/train, root/val, root/test; ``groups``: split root by the group ids
+    of ``groups`` (no group spans two splits; stratified by class); ``stratified``: a seeded
+    stratified random split (only when tiles are independent: no near-duplicates); ``auto``:
+    folders when root/train exists, else groups when a groups file exists, else stratified."""
+    groups: Optional[str] = None
+    """CSV with columns ``file`` and ``group_id`` (``lung/groups.csv`` style; ``file`` relative to
+    root or a bare file name). Default: root/groups.csv when present. With folders, no group may
+    span train and val/test (checked); with ``split: groups``, the split follows the groups."""
+    val_fraction: float = 0.15
+    test_fraction: float = 0.25
+    split_seed: int = 0
+    """Seed of the ``groups`` / ``stratified`` split (fixed across arms and seeds)."""
+    cache_dir: Optional[str] = None
+    """Decoded-tile cache; default $HISTOSYNTH_CACHE or ~/.cache/histosynth."""
+
+    def __post_init__(self):
+        for key in ("val_fraction", "test_fraction"):
+            v = getattr(self, key)
+            require(0 < v < 0.5, key, f"must be in (0, 0.5), got {v}")
+
+
+@dataclass
+class GanStageConfig:
+    config: Optional[str] = None
+    """A train-gan config (bare names resolve in configs/) trained on the training split before
+    the arms run; null: no GAN stage. Its data.root is always set to the training split."""
+    set: list[str] = field(default_factory=list)
+    """Overrides for that config, as train-gan's --set (e.g. ["train.steps=600"])."""
+    per_class: Union[Literal["auto"], int] = "auto"
+    """Synthetic tiles generated per class; ``auto``: as many as the arms need."""
+    seed: int = 0
+    """First noise seed of generation (tile k uses seed + k)."""
+
+    def __post_init__(self):
+        require(self.per_class == "auto" or self.per_class >= 1, "per_class",
+                f"must be 'auto' or >= 1, got {self.per_class}")
+
+
+@dataclass
+class SyntheticConfig:
+    source: str = "none"
+    """``none``; ``gan`` (the GAN stage's output); or a folder of synthetic tiles (ImageFolder
+    tree with gan-generate's manifest.csv and source.json, verified before use)."""
+    ratio: Union[float, dict[str, float], None] = None
+    """Synthetic tiles per real training tile: one number for every class (1.0 doubles each) or
+    per class ({lung_scc: 1.0}: +100 % of lung_scc only)."""
+    target: Union[Literal["balanced"], dict[str, int], None] = None
+    """Top classes up with synthetic tiles to a count: ``balanced`` (every class to the largest
+    real class) or per class ({lung_scc: 400}). Give ratio or target, not both."""
+
+    def __post_init__(self):
+        if self.source == "none":
+            require(self.ratio is None and self.target is None, "source",
+                    "is 'none' but ratio/target is set; name a source (gan or a folder)")
+            return
+        require((self.ratio is None) != (self.target is None), "ratio",
+                "give exactly one of ratio (synthetic per real tile) or target (count per class)")
+        if isinstance(self.ratio, dict):
+            for c, v in self.ratio.items():
+                require(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+                        f"ratio.{c}", f"must be a number >= 0, got {v!r}")
+        elif self.ratio is not None:
+            require(self.ratio >= 0, "ratio", f"must be >= 0, got {self.ratio}")
+        if isinstance(self.target, dict):
+            for c, v in self.target.items():
+                require(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                        f"target.{c}", f"must be an integer >= 0, got {v!r}")
+
+
+@dataclass
+class ArmConfig:
+    name: str = "real_only"
+    """Identifier of the arm (letters, digits, _, . and -); used in tables, plots and folders."""
+    augment: Literal["none", "flip", "stain", "classic"] = "flip"
+    """Albumentations policy (classifier/augment.py): none | flip (8 symmetries) | stain
+    (flip + H&E stain jitter) | classic (flip + affine + elastic + colour + stain jitter)."""
+    sampler: Literal["random", "balanced"] = "random"
+    """``balanced``: torchsampler's ImbalancedDatasetSampler (classes drawn equally often)."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """``balanced``: class-weighted cross-entropy."""
+    labels: Literal["real", "shuffled"] = "real"
+    """``shuffled``: training labels permuted (a control that must stay near chance)."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self):
+        require(bool(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,39}", self.name)), "name",
+                f"{self.name!r} must be 1-40 letters, digits, _, . or - (not starting with .)")
+
+
+@dataclass
+class CompareReportConfig:
+    baseline: str = "real_only"
+    """The arm every other arm is compared with (paired over seeds)."""
+    test: Literal["t", "wilcoxon"] = "t"
+    """Paired test over seeds: ``t`` (paired t-test) or ``wilcoxon`` (signed-rank; with n seeds
+    its smallest possible two-sided p is 2 / 2^n, so it needs >= 6 seeds to reach p < 0.05)."""
+    primary: Literal["balanced_accuracy", "macro_f1", "auc", "minority_sensitivity"] = "balanced_accuracy"
+    """The metric the verdict is about (all are tabulated)."""
+    alpha: float = 0.05
+    """Significance level, applied to Holm-adjusted p-values across the compared arms."""
+
+    def __post_init__(self):
+        require(0 < self.alpha < 1, "alpha", f"must be in (0, 1), got {self.alpha}")
+
+
+@dataclass
+class LeakageConfig:
+    allow_unverified_synthetic: bool = False
+    """A synthetic folder without gan-generate's source.json (so its generator's training data
+    cannot be checked) is refused unless this is true; the report then says it was unverified."""
+
+
+@dataclass
+class CompareConfig:
+    data: CompareDataConfig = field(default_factory=CompareDataConfig)
+    gan: GanStageConfig = field(default_factory=GanStageConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    arms: list[ArmConfig] = field(default_factory=lambda: [ArmConfig()])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    report: CompareReportConfig = field(default_factory=CompareReportConfig)
+    leakage: LeakageConfig = field(default_factory=LeakageConfig)
+
+    def __post_init__(self):
+        require(len(self.arms) >= 1, "arms", "declare at least one arm")
+        names = [a.name for a in self.arms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        require(not dup, "arms", f"arm names must be unique; repeated: {', '.join(dup)}")
+        require(self.report.baseline in names, "report.baseline",
+                f"{self.report.baseline!r} is not an arm; arms: {', '.join(names)}")
+        require(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds",
+                f"give one or more distinct seeds, got {self.seeds}")
+        for i, a in enumerate(self.arms):
+            if a.synthetic.source == "gan":
+                require(self.gan.config is not None, f"arms[{i}].synthetic.source",
+                        "is 'gan' but there is no GAN stage; set gan.config (e.g. dcgan.yaml) "
+                        "or point source to a folder of synthetic tiles")

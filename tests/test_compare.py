@@ -1,0 +1,273 @@
+"""augment-compare: assembly, splits, leakage guard, the whole pipeline, resume, the control arm."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from experiments.assemble import AssemblyError, assemble, synthetic_counts
+from experiments.augment_compare import main as compare_main, run_compare
+from experiments.config import CompareConfig, SyntheticConfig
+from experiments.leakage import LeakageError, file_hashes, verify_synthetic
+from experiments.splits import resolve_splits
+from histosynth import config as configlib
+from histosynth.config import PROJECT_ROOT
+from histosynth.data import TileCache
+
+FAST = ["classifier.model.image_size=32", "classifier.train.batch_size=8", "classifier.train.device=cpu",
+        "classifier.train.patience=0", "classifier.train.epochs=2", "classifier.train.min_epochs=0",
+        "classifier.model.bn_momentum=0.5"]
+TINY_GAN = ("[data.image_size=32, model.ch=8, model.z_dim=16, train.batch_size=8, train.steps=4, "
+            "train.checkpoint_every=2, train.sample_every=2, train.log_every=1, "
+            "train.samples_per_class=2, train.device=cpu]")
+
+
+def _cfg(*sets) -> CompareConfig:
+    return configlib.load(CompareConfig, None, list(sets))[0]
+
+
+def _split_tree(src: Path, dst: Path, classes: int = 3) -> Path:
+    """train/val/test folders from real tiles: per class 2 train, 1 val, 1 test."""
+    for cls in sorted(d for d in src.iterdir() if d.is_dir())[:classes]:
+        files = sorted(cls.iterdir())[:4]
+        for split, fs in (("train", files[:2]), ("val", files[2:3]), ("test", files[3:4])):
+            (dst / split / cls.name).mkdir(parents=True, exist_ok=True)
+            for f in fs:
+                shutil.copy(f, dst / split / cls.name / f.name)
+    return dst
+
+
+# ----------------------------------------------------------------------------------------------
+# assembly
+
+
+def test_synthetic_counts_for_ratios_and_targets():
+    real = {"a": 120, "b": 40, "c": 12}
+    assert synthetic_counts(real, SyntheticConfig()) == {"a": 0, "b": 0, "c": 0}
+    assert synthetic_counts(real, SyntheticConfig("gan", ratio=0.5)) == {"a": 60, "b": 20, "c": 6}
+    assert synthetic_counts(real, SyntheticConfig("gan", ratio={"c": 1.0})) == {"a": 0, "b": 0, "c": 12}
+    assert synthetic_counts(real, SyntheticConfig("gan", target="balanced")) == {"a": 0, "b": 80, "c": 108}
+    assert synthetic_counts(real, SyntheticConfig("gan", target={"b": 100, "a": 50})) == {"a": 0, "b": 60, "c": 0}
+    with pytest.raises(configlib.ConfigError, match=r"arms\[2\].synthetic.ratio.d: is not a class.*a, b, c"):
+        synthetic_counts(real, SyntheticConfig("gan", ratio={"d": 1.0}), "arms[2].synthetic")
+
+
+def test_assemble_gives_the_requested_per_class_counts(crc_mini):
+    real = TileCache.build(crc_mini, 32, progress=False)
+    n = real.class_counts()
+    want = {c: (i % 3) for i, c in enumerate(real.classes)}
+    images, labels, synth = assemble(real, real, want, seed=0)
+    assert images.shape == (len(real) + sum(want.values()), 3, 32, 32)
+    for i, c in enumerate(real.classes):
+        assert (labels[synth] == i).sum() == want[c]
+        assert (labels == i).sum() == n[c] + want[c]
+    other = assemble(real, real, want, seed=1)[0]
+    assert not np.array_equal(images, other)            # another seed draws another subset
+    with pytest.raises(AssemblyError, match="needed but the source has"):
+        assemble(real, real, {real.classes[0]: 999}, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["arms=[{name: a, synthetic: {source: gan, ratoi: 1}}]", "report.baseline=a"],
+     r"arms\[0\].synthetic.ratoi: unknown key; did you mean arms\[0\].synthetic.ratio"),
+    (["arms=[{name: a, synthetic: {source: gan, ratio: 1, target: balanced}}]", "report.baseline=a",
+      "gan.config=dcgan"], "exactly one of ratio"),
+    (["arms=[{name: a}]"], r"report.baseline: 'real_only' is not an arm; arms: a"),
+    (["arms=[{name: a, synthetic: {source: gan, ratio: 1}}]", "report.baseline=a"], "set gan.config"),
+    (["arms=[{name: a, sampler: balance}]", "report.baseline=a"], "did you mean 'balanced'"),
+    (["seeds=[1, 1]"], "distinct seeds"),
+])
+def test_config_errors_name_the_key(sets, match):
+    with pytest.raises(configlib.ConfigError, match=match):
+        _cfg(*sets)
+
+
+def test_shipped_compare_configs_load():
+    for name in ("compare_demo", "compare"):
+        cfg = configlib.load(CompareConfig, name)[0]
+        assert cfg.report.baseline in [a.name for a in cfg.arms]
+        assert any(a.labels == "shuffled" for a in cfg.arms)
+    assert len(configlib.load(CompareConfig, "compare")[0].seeds) >= 5
+
+
+# ----------------------------------------------------------------------------------------------
+# splits and the leakage guard
+
+
+def test_group_split_keeps_every_group_in_one_split(crc_mini, tmp_path):
+    files = sorted(p.relative_to(crc_mini).as_posix() for p in crc_mini.rglob("*.png"))
+    with open(tmp_path / "groups.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "group_id"])
+        for i, rel in enumerate(files):
+            w.writerow([rel, f"g{i // 2}"])                  # pairs of near-duplicates
+    cfg = _cfg(f"data.root={crc_mini}", f"data.groups={tmp_path / 'groups.csv'}", "data.test_fraction=0.25")
+    splits = resolve_splits(cfg.data, tmp_path / "out")
+    assert splits.method == "groups"
+    rows = list(csv.DictReader(open(tmp_path / "out" / "splits" / "split.csv")))
+    where = {}
+    for r in rows:
+        where.setdefault(r["group_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in where.values())
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    again = resolve_splits(cfg.data, tmp_path / "out2")
+    assert list(csv.DictReader(open(tmp_path / "out2" / "splits" / "split.csv"))) == rows
+    assert again.roots["train"].is_dir()
+
+
+def test_a_test_image_planted_in_train_is_refused(crc_mini, tmp_path, capsys):
+    data = _split_tree(crc_mini, tmp_path / "data")
+    test_file = next((data / "test").rglob("*.png"))
+    shutil.copy(test_file, data / "train" / test_file.parent.name / "innocent_name.png")
+    rc = compare_main(["--cfg", "compare_demo", "--out", str(tmp_path / "out"), "--no-progress",
+                       "--set", f"data.root={data}",
+                       *sum((["--set", s] for s in FAST), [])])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "test image(s) are also in the training set" in err and "innocent_name.png" in err
+    assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_a_group_spanning_train_and_test_is_refused(crc_mini, tmp_path):
+    data = _split_tree(crc_mini, tmp_path / "data")
+    train_file = next((data / "train").rglob("*.png"))
+    test_file = next((data / "test").rglob("*.png"))
+    (data / "groups.csv").write_text(f"file,group_id\n{train_file.relative_to(data)},patient7\n"
+                                     f"{test_file.relative_to(data)},patient7\n")
+    with pytest.raises(LeakageError, match="patient7"):
+        run_compare(_cfg(f"data.root={data}", *FAST), tmp_path / "out", progress=False)
+
+
+def test_synthetic_sets_are_verified_before_use(trained_run, crc_mini, tmp_path):
+    from gans.generate import generate
+    synth = tmp_path / "synth"
+    generate(trained_run, synth, 2, device="cpu", progress=False)
+    files = [p.relative_to(synth).as_posix() for p in synth.rglob("*.png")]
+    info = verify_synthetic(synth, files, {}, [tmp_path / "elsewhere"], False)
+    assert info["verified"] and info["generator_train_files"] == len(list(crc_mini.rglob("*.png")))
+    # the generator was trained on crc_mini: if one of those tiles is a test image, refuse
+    test_hashes = file_hashes(crc_mini, [p.relative_to(crc_mini).as_posix() for p in crc_mini.rglob("*.png")][:1])
+    with pytest.raises(LeakageError, match="trained on 1 validation/test image"):
+        verify_synthetic(synth, files, {h: f"test/{f}" for h, f in test_hashes.items()}, [], False)
+    # a tampered tile
+    victim = synth / files[0]
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(LeakageError, match=f"do not match the sha256.*{files[0]}"):
+        verify_synthetic(synth, files, {}, [], False)
+    # no provenance
+    victim.unlink()
+    files = files[1:]
+    (synth / "source.json").unlink()
+    with pytest.raises(LeakageError, match="no source.json"):
+        verify_synthetic(synth, files, {}, [], False)
+    with pytest.warns(UserWarning, match="accepted"):
+        assert verify_synthetic(synth, files, {}, [], True)["verified"] is False
+    # a tile that is not in the manifest
+    shutil.copy(synth / files[0], synth / Path(files[0]).parent / "extra.png")
+    with pytest.raises(LeakageError, match="not in its manifest"):
+        verify_synthetic(synth, files + [(Path(files[0]).parent / "extra.png").as_posix()], {}, [], True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole pipeline
+
+
+def test_tiny_compare_with_gan_stage_writes_every_report_file(crc_mini, tmp_path):
+    arms = ("[{name: real_only, augment: none}, {name: classic, augment: classic}, "
+            "{name: gan_x1, synthetic: {source: gan, ratio: 1.0}}, {name: shuffled, labels: shuffled}]")
+    cfg = _cfg(f"data.root={crc_mini}", "data.split=stratified", "gan.config=dcgan", f"gan.set={TINY_GAN}",
+               f"arms={arms}", "seeds=[0, 1]", *FAST)
+    out = tmp_path / "cmp"
+    summary = run_compare(cfg, out, progress=False)
+    for name in ("results.csv", "summary.json", "report.md", "report.html", "metrics_by_arm.png",
+                 "per_class_sensitivity.png", "confusion_matrices.png", "roc_curves.png", "config.yaml",
+                 "gan/synthetic/manifest.csv", "gan/synthetic/source.json", "gan/run/checkpoints/last.pt"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted((r["arm"], r["seed"]) for r in rows) == sorted(
+        (a, s) for a in ("real_only", "classic", "gan_x1", "shuffled") for s in ("0", "1"))
+    n_train = {r["arm"]: (int(r["n_train_real"]), int(r["n_train_synthetic"])) for r in rows}
+    assert n_train["gan_x1"][1] == n_train["gan_x1"][0] and n_train["real_only"][1] == 0
+    s = json.loads((out / "summary.json").read_text())
+    for arm in ("real_only", "gan_x1"):
+        m = s["arms"][arm]["metrics"]["balanced_accuracy"]
+        assert m["n"] == 2 and m["ci_low"] <= m["mean"] <= m["ci_high"]
+    assert set(s["comparisons"]) == {"classic", "gan_x1", "shuffled"}
+    assert 0 <= s["comparisons"]["gan_x1"]["balanced_accuracy"]["p_holm"] <= 1
+    assert s["verdict"] == summary["verdict"] and "real_only" in s["verdict"]
+    md = (out / "report.md").read_text()
+    assert "## Verdict" in md and "Holm" in md and "| gan_x1 |" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4
+    # the synthetic tiles came from a generator trained on the training split only
+    src = json.loads((out / "gan/synthetic/source.json").read_text())
+    assert Path(src["train_root"]) == (out / "splits" / "train").resolve()
+
+
+def _write_cfg(path: Path, root: Path, arms: str, seeds: str, epochs: int) -> Path:
+    data = yaml.safe_load("\n".join(["{", f"data: {{root: '{root}', split: stratified}},",
+                                     f"arms: {arms},", f"seeds: {seeds}", "}"]))
+    data["classifier"] = {"model": {"image_size": 32, "bn_momentum": 0.5},
+                          "train": {"batch_size": 8, "device": "cpu", "patience": 0, "epochs": epochs}}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_killed_compare_resumes_without_rerunning_finished_cells(crc_mini, tmp_path):
+    cfg = _write_cfg(tmp_path / "c.yaml", crc_mini, "[{name: real_only}, {name: other, augment: stain}]",
+                     "[0, 1, 2]", 3)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.augment_compare", "--cfg", str(cfg),
+                             "--out", str(out), "--no-progress"], env=env, cwd=PROJECT_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if results.is_file() and len(results.read_text().splitlines()) >= 2:      # one cell done
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list(csv.DictReader(open(results)))
+    assert 1 <= len(done) < 6, "the kill came too late to test a resume"
+    first = Path(out / done[0]["cell_dir"]) / "best.pt"
+    stamp = first.stat().st_mtime_ns
+    assert compare_main(["--cfg", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(results)))
+    assert sorted((r["arm"], r["seed"]) for r in rows) == sorted(
+        (a, s) for a in ("real_only", "other") for s in ("0", "1", "2"))         # each cell once
+    assert rows[:len(done)] == done and first.stat().st_mtime_ns == stamp       # not re-run
+    # a third run has nothing left to do; another config in the same folder is refused
+    assert compare_main(["--cfg", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert list(csv.DictReader(open(results))) == rows
+    with pytest.raises(Exception, match="differs in seeds"):
+        run_compare(configlib.load(CompareConfig, cfg, ["seeds=[5]"])[0], out, progress=False)
+
+
+def test_label_shuffled_control_stays_near_chance_on_real_data(tmp_path):
+    demo = PROJECT_ROOT / "data" / "lung_demo"
+    cfg = _cfg(f"data.root={demo}", "arms=[{name: real_only}, {name: shuffled, labels: shuffled}]",
+               "seeds=[0, 1]", "classifier.model.image_size=48", "classifier.model.bn_momentum=0.5",
+               "classifier.train.epochs=10", "classifier.train.patience=0", "classifier.train.device=cpu",
+               "classifier.train.lr=2e-3")
+    s = run_compare(cfg, tmp_path / "out", progress=False)
+    chance = s["chance_balanced_accuracy"]
+    shuffled = s["arms"]["shuffled"]["metrics"]["balanced_accuracy"]["mean"]
+    real = s["arms"]["real_only"]["metrics"]["balanced_accuracy"]["mean"]
+    assert abs(shuffled - chance) < 0.12, shuffled
+    assert real > shuffled + 0.15, (real, shuffled)      # the same pipeline does learn real labels
+    assert "stayed near chance" in s["verdict"]
