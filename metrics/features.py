@@ -3,6 +3,8 @@
 * ``inception``: torchvision's InceptionV3 pool features (2048-d), only from a local weights file
   the user names (a torchvision ``inception_v3`` state dict). Inputs are resized to 299 px and
   ImageNet-normalised.
+* ``histology`` (the report's choice for tissue): the same EfficientNet layer, from a classifier
+  trained on the real training split (``metrics.histology``) or a histosynth classifier checkpoint.
 * ``efficientnet``: the penultimate layer (global-average-pooled, 1280-d for b0) of an
   efficientnet-pytorch EfficientNet from a local file: ImageNet weights or, better for histology,
   a classifier trained on the real training split. A randomly initialised EfficientNet is not
@@ -78,7 +80,8 @@ class InceptionExtractor(Extractor):
 class EfficientNetExtractor(Extractor):
     name = "efficientnet"
 
-    def __init__(self, weights: str | Path, variant: str = "efficientnet-b0", input_size: int = 224):
+    def __init__(self, weights: str | Path, variant: str = "efficientnet-b0", input_size: int = 224,
+                 note: str = ""):
         super().__init__()
         from efficientnet_pytorch import EfficientNet
 
@@ -90,7 +93,7 @@ class EfficientNetExtractor(Extractor):
         self.net = EfficientNet.from_name(variant, num_classes=num_classes).eval()
         self.net.load_state_dict(state)
         self.dim = self.net._fc.in_features
-        self.input_size, self.variant, self.weights = input_size, variant, weights
+        self.input_size, self.variant, self.weights, self.note = input_size, variant, weights, note
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +101,8 @@ class EfficientNetExtractor(Extractor):
         return F.adaptive_avg_pool2d(h, 1).flatten(1)            # B x C
 
     def describe(self) -> str:
-        return f"{self.variant} penultimate layer ({self.dim}-d), weights {self.weights}"
+        return (f"{self.variant} penultimate layer ({self.dim}-d) at {self.input_size} px, weights "
+                f"{self.weights}" + (f"; {self.note}" if self.note else ""))
 
 
 class PixelExtractor(Extractor):

@@ -8,7 +8,8 @@ Writes ``OUT/report.html`` (self-contained: plots embedded), ``OUT/report.md``,
 
 * distribution metrics overall and per class (class folders present in both sets): FID, KID
   (piq), precision, recall, density, coverage (prdc) with subsampling intervals, in the feature
-  space of ``--extractor`` (the report names it);
+  space of ``--extractor`` (the report names it). With ``--train`` the default is the histology
+  space: an EfficientNet trained (once, then cached) on the real training tiles;
 * with ``--paired``: PSNR, SSIM, MS-SSIM, HaarPSI, MDSI, MS-GMSD per image (files matched by name);
 * with ``--train``: the memorisation check (nearest real training tile in feature and pixel
   space, threshold calibrated on real-vs-real distances, closest pairs shown); ``--filter DIR``
@@ -22,10 +23,8 @@ same real set does not recompute them. Also runs as ``python -m metrics.report``
 from __future__ import annotations
 
 import argparse
-import base64
 import csv
 import hashlib
-import html
 import json
 import shutil
 import sys
@@ -43,7 +42,7 @@ from histosynth.paths import claim_output_dir
 from histosynth.runtime import resolve_device
 from histosynth.stain import STAIN_CHANNELS, stain_od
 from histosynth.stats import mean_ci
-from histosynth.viz import save_grid
+from histosynth.viz import markdown_to_html, save_grid
 from metrics.distribution import distribution_metrics
 from metrics.features import EfficientNetExtractor, Extractor, InceptionExtractor, PixelExtractor
 from metrics.full_reference import FULL_REFERENCE, paired_folder_scores
@@ -68,9 +67,40 @@ def load_set(root: str | Path, size: int, progress: bool) -> TileCache:
     return TileCache.build(root, size, cache_dir=default_cache_dir(), progress=progress, layout=layout)
 
 
-def make_extractor(name: str, weights: str | None) -> Extractor:
+def make_extractor(name: str, weights: str | None, train: str | None = None, progress: bool = True) -> Extractor:
+    auto = name == "auto"
+    if auto:
+        name = "histology" if (train or weights) else "pixels"
     if name == "pixels":
         return PixelExtractor()
+    if name == "histology":
+        if weights:          # a histosynth classifier checkpoint (variant and input size inside)
+            ck = safe_load(weights)
+            if "variant" not in ck or "model" not in ck:
+                raise ReportError(f"{weights} is not a histosynth classifier checkpoint (best.pt of "
+                                  "augment-compare or of this extractor); use --extractor efficientnet "
+                                  "for a plain EfficientNet state dict")
+            return EfficientNetExtractor(weights, ck["variant"], int(ck["image_size"]),
+                                         note=f"classifier checkpoint, classes {', '.join(ck['classes'])}")
+        if not train:
+            raise ReportError("--extractor histology needs --train (the real training split it learns "
+                              "tissue from) or --weights (a histosynth classifier best.pt)")
+        from metrics.histology import histology_weights, learned
+        try:
+            best, note = histology_weights(train, progress)
+        except ValueError as e:
+            raise ReportError(str(e)) from None
+        ck = safe_load(best)
+        if not learned(ck):
+            msg = (f"the histology extractor did not learn to tell the classes of {train} apart "
+                   f"(held-out balanced accuracy {ck['val_balanced_accuracy']:.3f}, chance "
+                   f"{1 / len(ck['classes']):.3f}): too few training tiles; distances in its space "
+                   "would mean nothing")
+            if auto:
+                warnings.warn(msg + "; using --extractor pixels instead", stacklevel=2)
+                return PixelExtractor()
+            warnings.warn(msg, stacklevel=2)
+        return EfficientNetExtractor(best, ck["variant"], int(ck["image_size"]), note=note)
     if not weights:
         raise ReportError(f"--extractor {name} needs --weights FILE (a local state dict; nothing is "
                           "downloaded), or use --extractor pixels")
@@ -111,16 +141,20 @@ def _stain(cache: TileCache, progress: bool = False) -> dict:
 
 
 def build_report(real: str, fake: str, out: str, train: str | None = None, paired: bool = False,
-                 extractor: str = "pixels", weights: str | None = None, size: int = 128,
+                 extractor: str = "auto", weights: str | None = None, size: int = 128,
                  filter_dir: str | None = None, overwrite: bool = False, progress: bool = True,
                  n_boot: int = 10) -> dict:
     out_p = claim_output_dir(out, overwrite)
     if filter_dir and not train:
         raise ReportError("--filter needs --train (the near-copies are found against the training set)")
-    ext = make_extractor(extractor, weights)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ext = make_extractor(extractor, weights, train, progress)
+    caught: list[str] = [str(x.message) for x in w]
+    for message in caught:
+        warnings.warn(message, stacklevel=2)
     R, F = load_set(real, size, progress), load_set(fake, size, progress)
     fr, ff = features(R, ext, progress), features(F, ext, progress)
-    caught: list[str] = []
     result: dict = {"real": str(real), "fake": str(fake), "extractor": ext.describe(),
                     "tile_size": size, "counts": {"real": len(R), "fake": len(F)}}
     with warnings.catch_warnings(record=True) as w:
@@ -317,41 +351,7 @@ def render_markdown(r: dict, figs: dict[str, str]) -> str:
 
 def render_html(r: dict, figs: dict[str, str], out: Path) -> str:
     """The Markdown report as a self-contained page: tables as tables, images inlined."""
-    body = []
-    in_table = False
-    for line in render_markdown(r, figs).splitlines():
-        if line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            if set(line) <= {"|", "-"}:
-                continue
-            tag = "th" if not in_table else "td"
-            if not in_table:
-                body.append("<table>")
-                in_table = True
-            body.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if line.startswith("!["):
-            name = line[line.index("(") + 1:-1]
-            if (out / name).is_file():
-                data = base64.b64encode((out / name).read_bytes()).decode()
-                body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("- "):
-            body.append(f"<p>&bull; {html.escape(line[2:])}</p>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        body.append("</table>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 8px}th{background:#eef}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>histosynth report</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    return markdown_to_html(render_markdown(r, figs), out, "histosynth report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,8 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paired", action="store_true", help="also full-reference metrics, files paired by name")
     p.add_argument("--train", help="real training tiles: run the memorisation check against them")
     p.add_argument("--filter", metavar="DIR", help="write the synthetic set without near-copies to DIR")
-    p.add_argument("--extractor", choices=["pixels", "inception", "efficientnet"], default="pixels",
-                   help="feature space (inception / efficientnet need --weights)")
+    p.add_argument("--extractor", choices=["auto", "pixels", "histology", "inception", "efficientnet"],
+                   default="auto",
+                   help="feature space: histology (an EfficientNet trained here on --train, cached, or "
+                        "a histosynth classifier --weights); pixels; inception / efficientnet (ImageNet, "
+                        "need --weights); auto (default): histology with --train or --weights, else pixels")
     p.add_argument("--weights", help="local weights file of the extractor (nothing is downloaded)")
     p.add_argument("--size", type=int, default=128, help="tiles are compared at this size (px)")
     p.add_argument("--boot", type=int, default=10, help="subsamples for the distribution intervals")

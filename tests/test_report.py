@@ -3,7 +3,9 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
+import torch
 
 from gans.generate import main as generate_main
 from metrics.features import PixelExtractor
@@ -31,7 +33,10 @@ def test_report_files_rows_memorisation_and_filter(synth, crc_mini, tmp_path):
     assert sorted(m["per_class"]) == classes                         # a row for every class
     for row in [m["overall"], *m["per_class"].values()]:
         assert {"fid", "kid", "precision", "recall", "density", "coverage"} <= set(row)
-    assert "pixels" in m["extractor"]
+    # 32 tiles in 8 classes are too few for the histology extractor to learn: it says so and
+    # falls back to pixels (on lung/train it learns: see the closing note of issue 4)
+    assert m["extractor"].startswith("pixels")
+    assert any("did not learn" in w and "using --extractor pixels" in w for w in m["warnings"])
     for space in ("features", "pixels"):
         mem = m["memorisation"][space]
         assert mem["n_flagged"] >= 1
@@ -66,3 +71,21 @@ def test_report_errors_are_one_line(crc_mini, tmp_path, capsys):
     assert report_main(["--real", str(crc_mini), "--fake", str(crc_mini), "--out", str(tmp_path / "o"),
                         "--extractor", "inception"]) == 2
     assert "needs --weights" in capsys.readouterr().err
+
+
+def test_histology_extractor_is_trained_once_and_cached(crc_mini, monkeypatch):
+    from metrics.histology import histology_weights
+    from metrics.features import EfficientNetExtractor
+    best, note = histology_weights(crc_mini, progress=False, epochs=2)
+    import classifier.train
+
+    def boom(*a, **k):
+        raise AssertionError("retrained")
+
+    monkeypatch.setattr(classifier.train, "fit", boom)
+    assert histology_weights(crc_mini, progress=False, epochs=2) == (best, note)
+    ext = EfficientNetExtractor(best, "efficientnet-b0", 64)
+    from histosynth.data import TileCache
+    x = torch.from_numpy(np.array(TileCache.build(crc_mini, 64, progress=False).images[:4]))
+    f = ext(x)
+    assert f.shape == (4, 1280) and f.std() > 1e-3            # features that are not degenerate

@@ -1,0 +1,64 @@
+"""A feature space that knows tissue: an EfficientNet trained on the real training split.
+
+``histology_weights(train_root)`` trains classifier/'s EfficientNet-B0 (from scratch, 64 px,
+stain + flip augmentation, class-weighted, early-stopped on a stratified 15 % of the training
+tiles held out for validation) and caches its best checkpoint, keyed by the decoded training
+tiles and these settings, so later reports on the same training set reuse it. The distribution
+metrics then use its penultimate layer (``metrics.features.EfficientNetExtractor``). A histosynth
+classifier checkpoint (e.g. ``augment-compare``'s ``cells/real_only/seed0/best.pt``) can be given
+instead with ``--weights``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from histosynth import config as configlib
+from histosynth.checkpoint import safe_load
+from histosynth.data import TileCache, default_cache_dir
+
+SETTINGS = ["model.image_size=64", "model.bn_momentum=0.5", "train.epochs=15", "train.lr=2e-3",
+            "train.patience=5", "train.min_epochs=8", "train.class_weights=balanced",
+            "train.channels_last=on"]
+
+
+def histology_weights(train_root: str | Path, progress: bool = True, epochs: int | None = None) -> tuple[Path, str]:
+    """(best.pt of a classifier trained on ``train_root``, a one-line description)."""
+    from sklearn.model_selection import train_test_split
+
+    from classifier.augment import build_augment
+    from classifier.config import ClassifierConfig
+    from classifier.data import TileDataset
+    from classifier.train import fit
+
+    sets = SETTINGS + ([f"train.epochs={epochs}", f"train.min_epochs={min(8, epochs)}"] if epochs else [])
+    cfg = configlib.load(ClassifierConfig, None, sets)[0]
+    tiles = TileCache.build(train_root, cfg.model.image_size, cache_dir=default_cache_dir(), progress=progress)
+    if len(tiles.classes) < 2:
+        raise ValueError(f"{train_root} has one class; the histology extractor learns from class "
+                         "folders (give --train a class-folder tree, or use --extractor pixels)")
+    tag = hashlib.sha256(json.dumps([tiles.key, sets]).encode()).hexdigest()[:16]
+    run = default_cache_dir() / f"histology-{tag}"
+    best = run / "best.pt"
+    if not (run / "history.json").is_file():
+        idx = np.arange(len(tiles))
+        n_val = max(len(tiles.classes), round(0.15 * len(idx)))
+        tr, va = train_test_split(idx, test_size=n_val, stratify=tiles.labels, random_state=0)
+        ds = TileDataset(np.asarray(tiles.images)[tr], tiles.labels[tr], build_augment("stain", 0))
+        fit(cfg, ds, np.asarray(tiles.images)[va], tiles.labels[va], tiles.classes, run, seed=0,
+            progress=progress, desc="histology extractor")
+    ck = safe_load(best)
+    note = (f"trained here on {train_root} ({len(tiles)} tiles, {len(tiles.classes)} classes; "
+            f"held-out balanced accuracy {ck['val_balanced_accuracy']:.3f} at epoch {ck['epoch']})")
+    return best, note
+
+
+def learned(ck: dict) -> bool:
+    """Did the extractor's classifier beat chance clearly on its held-out tiles? (a quarter of
+    the way from chance to perfect; below that its feature space is not about tissue)"""
+    chance = 1.0 / len(ck["classes"])
+    return float(ck["val_balanced_accuracy"]) >= chance + 0.25 * (1.0 - chance)
