@@ -19,7 +19,8 @@ class AssemblyError(ValueError):
 def synthetic_counts(real_counts: dict[str, int], spec: SyntheticConfig, where: str = "synthetic") -> dict[str, int]:
     """Synthetic tiles to add per class.
 
-    ``ratio`` r: round(r * real count) per class (a mapping names only the classes it tops up);
+    ``ratio`` r: round(r * real count) for each class in ``classes`` (all | minority: smaller
+    than the largest | a list); a mapping names the classes and ratios itself;
     ``target`` t: max(0, t - real count); ``balanced``: the largest real class's count.
     """
     classes = list(real_counts)
@@ -36,7 +37,15 @@ def synthetic_counts(real_counts: dict[str, int], spec: SyntheticConfig, where: 
         if isinstance(spec.ratio, dict):
             check(spec.ratio, "ratio")
             return {c: int(round(spec.ratio.get(c, 0.0) * n)) for c, n in real_counts.items()}
-        return {c: int(round(spec.ratio * n)) for c, n in real_counts.items()}
+        if spec.classes == "all":
+            chosen = set(classes)
+        elif spec.classes == "minority":
+            top = max(real_counts.values())
+            chosen = {c for c, n in real_counts.items() if n < top}
+        else:
+            check(dict.fromkeys(spec.classes), "classes")
+            chosen = set(spec.classes)
+        return {c: int(round(spec.ratio * n)) if c in chosen else 0 for c, n in real_counts.items()}
     if spec.target == "balanced":
         top = max(real_counts.values())
         return {c: top - n for c, n in real_counts.items()}

@@ -67,8 +67,11 @@ class SyntheticConfig:
     """``none``; ``gan`` (the GAN stage's output); or a folder of synthetic tiles (ImageFolder
     tree with gan-generate's manifest.csv and source.json, verified before use)."""
     ratio: Union[float, dict[str, float], None] = None
-    """Synthetic tiles per real training tile: one number for every class (1.0 doubles each) or
-    per class ({lung_scc: 1.0}: +100 % of lung_scc only)."""
+    """Synthetic tiles per real training tile: one number (1.0 doubles a class) for the classes
+    named by ``classes``, or per class by name ({lung_scc: 1.0}: +100 % of lung_scc only)."""
+    classes: Union[Literal["all", "minority"], list[str]] = "all"
+    """Which classes a numeric ``ratio`` tops up: ``all``, ``minority`` (every class smaller than
+    the largest; works on any dataset without naming classes) or a list of class names."""
     target: Union[Literal["balanced"], dict[str, int], None] = None
     """Top classes up with synthetic tiles to a count: ``balanced`` (every class to the largest
     real class) or per class ({lung_scc: 400}). Give ratio or target, not both."""

@@ -150,7 +150,7 @@ def build_report(real: str, fake: str, out: str, train: str | None = None, paire
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         ext = make_extractor(extractor, weights, train, progress)
-    caught: list[str] = [str(x.message) for x in w]
+    caught: list[str] = [str(x.message) for x in w if not issubclass(x.category, DeprecationWarning)]
     for message in caught:
         warnings.warn(message, stacklevel=2)
     R, F = load_set(real, size, progress), load_set(fake, size, progress)
@@ -163,7 +163,7 @@ def build_report(real: str, fake: str, out: str, train: str | None = None, paire
         result["per_class"] = {c: distribution_metrics(fr[torch.from_numpy(mr)], ff[torch.from_numpy(mf)],
                                                        n_boot=n_boot)
                                for c, mr, mf in _by_class(R, F) if mr.sum() >= 3 and mf.sum() >= 3}
-        caught += sorted({str(x.message) for x in w})
+        caught += sorted({str(x.message) for x in w if not issubclass(x.category, DeprecationWarning)})
     result["stain"] = {"real": _stain(R, progress), "fake": _stain(F, progress)}
     if paired:
         result["paired"] = paired_folder_scores(real, fake, progress=progress)

@@ -55,6 +55,8 @@ def test_synthetic_counts_for_ratios_and_targets():
     assert synthetic_counts(real, SyntheticConfig()) == {"a": 0, "b": 0, "c": 0}
     assert synthetic_counts(real, SyntheticConfig("gan", ratio=0.5)) == {"a": 60, "b": 20, "c": 6}
     assert synthetic_counts(real, SyntheticConfig("gan", ratio={"c": 1.0})) == {"a": 0, "b": 0, "c": 12}
+    assert synthetic_counts(real, SyntheticConfig("gan", ratio=2.0, classes="minority")) == {"a": 0, "b": 80, "c": 24}
+    assert synthetic_counts(real, SyntheticConfig("gan", ratio=1.0, classes=["a"])) == {"a": 120, "b": 0, "c": 0}
     assert synthetic_counts(real, SyntheticConfig("gan", target="balanced")) == {"a": 0, "b": 80, "c": 108}
     assert synthetic_counts(real, SyntheticConfig("gan", target={"b": 100, "a": 50})) == {"a": 0, "b": 60, "c": 0}
     with pytest.raises(configlib.ConfigError, match=r"arms\[2\].synthetic.ratio.d: is not a class.*a, b, c"):
@@ -271,3 +273,15 @@ def test_label_shuffled_control_stays_near_chance_on_real_data(tmp_path):
     assert abs(shuffled - chance) < 0.12, shuffled
     assert real > shuffled + 0.15, (real, shuffled)      # the same pipeline does learn real labels
     assert "stayed near chance" in s["verdict"]
+
+
+def test_the_demo_config_runs_on_an_unseen_dataset_through_set_only(crc_mini, tmp_path):
+    """compare_demo.yaml names no class: another ImageFolder train/val/test tree needs no edits."""
+    data = _split_tree(crc_mini, tmp_path / "data", classes=3)
+    sets = [f"data.root={data}", f"gan.set={TINY_GAN}", "seeds=[0]", *FAST]
+    assert compare_main(["--cfg", "compare_demo", "--out", str(tmp_path / "out"), "--no-progress",
+                         *sum((["--set", s] for s in sets), [])]) == 0
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["classes"] == sorted(d.name for d in (data / "train").iterdir())
+    assert set(s["arms"]) == {"real_only", "classic_aug", "balanced_sampler", "gan_minority_x1",
+                              "gan_balanced", "shuffled_control"}
