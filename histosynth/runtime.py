@@ -25,6 +25,14 @@ def eval_mode(*modules: torch.nn.Module):
             m.train(mode)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Does this CPU compute bf16 natively (Intel AMX tiles or AVX-512 BF16)?"""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto``: CUDA when present, else CPU; an explicit choice is checked."""
     return Runtime.from_choices(device, "off", "off").device
@@ -37,16 +45,22 @@ class Runtime:
     channels_last: bool
 
     @classmethod
-    def from_choices(cls, device: str = "auto", amp: str = "auto", channels_last: str = "auto") -> "Runtime":
+    def from_choices(cls, device: str = "auto", amp: str = "auto", channels_last: str = "auto",
+                     cpu_fast_path: bool = False) -> "Runtime":
+        """Resolve the config's choices. ``auto`` means: on CUDA, bf16 autocast (where supported)
+        and channels_last; on a CPU, the same when ``cpu_fast_path`` (the model family gains from
+        it: measured for the GANs, 4x on SNGAN-32 with AMX) and the CPU has native bf16
+        (AMX or AVX-512 BF16), else fp32 NCHW (EfficientNet's depthwise convs are slower in bf16)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
         dev = torch.device(device)
         on_cuda = dev.type == "cuda"
+        cpu_fast = not on_cuda and cpu_fast_path and cpu_has_fast_bf16()
         if amp == "auto":
-            amp = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "off"
-        cl = on_cuda if channels_last == "auto" else channels_last == "on"
+            amp = "bf16" if (on_cuda and torch.cuda.is_bf16_supported()) or cpu_fast else "off"
+        cl = (on_cuda or cpu_fast) if channels_last == "auto" else channels_last == "on"
         return cls(dev, torch.bfloat16 if amp == "bf16" else None, cl)
 
     def autocast(self):

@@ -131,3 +131,6 @@ def test_bare_on_off_in_yaml_mean_the_choices_not_booleans(tmp_path):
     p.write_text("train:\n  channels_last: off\n")
     assert configlib.load(ClassifierConfig, p)[0].train.channels_last == "off"
     assert configlib.load(ClassifierConfig, None, ["train.channels_last=on"])[0].train.channels_last == "on"
+    assert configlib.load(ClassifierConfig, None, ["train.amp=off"])[0].train.amp == "off"
+    with pytest.raises(ConfigError, match="train.amp: True is not a valid choice"):
+        configlib.load(ClassifierConfig, None, ["train.amp=on"])      # 'on' is not an amp choice
