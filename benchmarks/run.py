@@ -1,0 +1,333 @@
+"""All benchmarks in one command, each section in its own process (its peak memory is its own).
+
+    python benchmarks/run.py                       # every section -> benchmarks/results/benchmarks.{json,md}
+    python benchmarks/run.py --sections sngan32 cyclegan --iters 10
+
+Sections (medians over ``--iters`` repetitions after a warm-up; device, dtype, layout, threads and
+torch version recorded):
+
+* ``gans``      one training iteration of each family at 64 px, batch 64 (shipped widths)
+* ``sngan32``   mimicry's SNGAN-32 shape (ResNet G 4.3 M / D 1.1 M, ch 64, hinge, batch 64):
+                one D step, one G step, one iteration of 5 D + 1 G steps
+* ``cyclegan``  junyanz's shape (resnet_9blocks G x2, 70x70 PatchGAN x2, ngf = ndf = 64, LSGAN,
+                identity 0.5, pool 50): batch 1 at 256 px and batch 4 at 128 px
+* ``effnet``    EfficientNet-B0 training steps (efficientnet-pytorch): batch 16 at 224, 64 at 64
+* ``data``      decoding a folder into the tile cache, tensor flips/rot90, albumentations 'classic'
+* ``generate``  gan-generate (PNG + sha256 per tile) at 1k and 10k tiles: time and memory growth
+* ``metrics``   feature passes (pixels, EfficientNet-B0 at 64 px) and KID on 1k tiles
+
+Every training section is timed twice: the reference-equivalent path (fp32, NCHW, eager: what
+mimicry and pytorch-CycleGAN-and-pix2pix run, on the same networks) and histosynth's default
+path on this device (bf16 autocast + channels_last where it pays); the ratio is the speed-up.
+The reference figures quoted in issue 6 (measured on this machine kind) are printed beside them.
+FLOPs per iteration are counted with torch.utils.flop_counter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from histosynth.runtime import Runtime  # noqa: E402
+
+DEMO = ROOT / "data" / "lung_demo"
+# issue 6: medians measured with the reference code on this machine kind (2 cores, fp32)
+QUOTED = {"sngan32_d_step": 2.43, "sngan32_g_step": 3.58, "sngan32_iteration": 15.7,
+          "cyclegan_b1_256": 5.83, "cyclegan_b4_128": 6.18}
+PATHS = {"reference-equivalent (fp32, NCHW, eager)": ("off", "off"), "histosynth default": ("auto", "auto")}
+
+
+def _sync(rt: Runtime):
+    return torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+
+
+def _median_time(fn, iters: int, rt: Runtime, warmup: int = 1) -> float:
+    sync = _sync(rt)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _flops(fn) -> int | None:
+    """FLOPs of one call (torch.utils.flop_counter); None where the counter cannot follow the
+    step (the gradient penalty's double backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        with FlopCounterMode(display=False) as fc:
+            fn()
+    except RuntimeError:
+        return None
+    return int(fc.get_total_flops())
+
+
+def _gan_task(family: str, size: int, batch: int, amp: str, cl: str, ch: int | None, extra=()):
+    from gans.config import GANConfig
+    from gans.losses import GANTask
+    from gans.train_gan import load_data
+    from histosynth import config as configlib
+
+    sets = [f"data.image_size={size}", f"train.batch_size={batch}", "data.cache=memory",
+            f"train.amp={amp}", f"train.channels_last={cl}", *extra] + ([f"model.ch={ch}"] if ch else [])
+    cfg = configlib.load(GANConfig, family, sets)[0]
+    rt = Runtime.from_choices(cfg.train.device, cfg.train.amp, cfg.train.channels_last, cpu_fast_path=True)
+    torch.manual_seed(0)
+    return GANTask(cfg, load_data(cfg, progress=False), rt), rt
+
+
+def section_gans(iters: int) -> list[dict]:
+    rows = []
+    for family in ("dcgan", "sngan", "wgan_gp"):
+        for path, (amp, cl) in PATHS.items():
+            task, rt = _gan_task(family, 64, 64, amp, cl, None)
+
+            def it():
+                for _ in range(task.n_dis):
+                    task.d_step()
+                task.g_step()
+            s = _median_time(it, iters, rt)
+            rows.append({"bench": f"{family} 64px b64 iteration", "path": path, "runtime": rt.describe(),
+                         "s": s, "images_per_s": 64 * task.n_dis / s, "flops": _flops(it)})
+    return rows
+
+
+def section_sngan32(iters: int) -> list[dict]:
+    rows = []
+    for path, (amp, cl) in PATHS.items():
+        task, rt = _gan_task("sngan", 32, 64, amp, cl, 64, ["train.n_dis=5", "train.diffaugment=''",
+                                                            "loss.type=hinge"])
+        d = _median_time(task.d_step, iters, rt)
+        g = _median_time(task.g_step, iters, rt)
+        params = {n: sum(p.numel() for p in m.parameters()) for n, m in task.modules.items()}
+        fl = _flops(task.d_step) * 5 + _flops(task.g_step)
+        it = 5 * d + g
+        for name, s, n_img, quoted in (("D step", d, 64, "sngan32_d_step"), ("G step", g, 64, "sngan32_g_step"),
+                                       ("iteration (5 D + 1 G)", it, 64 * 5, "sngan32_iteration")):
+            rows.append({"bench": f"SNGAN-32 {name} (G {params['G'] / 1e6:.2f} M, D {params['D'] / 1e6:.2f} M)",
+                         "path": path, "runtime": rt.describe(), "s": s, "images_per_s": n_img / s,
+                         "quoted_reference_s": QUOTED[quoted],
+                         "flops": fl if name.startswith("iteration") else None})
+    return rows
+
+
+def section_cyclegan(iters: int) -> list[dict]:
+    from gans.cyclegan import CycleGANTask
+    from gans.train_gan import load_config, load_domains
+
+    rows = []
+    for batch, size, quoted in ((1, 256, "cyclegan_b1_256"), (4, 128, "cyclegan_b4_128")):
+        for path, (amp, cl) in PATHS.items():
+            cfg, _ = load_config("cyclegan_cpu", [f"train.batch_size={batch}", f"data.image_size={size}",
+                                                  "data.load_size=256", "data.cache=memory", "model.ngf=64",
+                                                  "model.ndf=64", "model.n_blocks=9", "model.d_layers=3",
+                                                  "loss.type=lsgan", "loss.lambda_identity=0.5",
+                                                  "loss.pool_size=50", f"train.amp={amp}",
+                                                  f"train.channels_last={cl}"])
+            rt = Runtime.from_choices(cfg.train.device, cfg.train.amp, cfg.train.channels_last, cpu_fast_path=True)
+            torch.manual_seed(0)
+            task = CycleGANTask(cfg, *load_domains(cfg, progress=False), rt)
+
+            def it():
+                task.g_step()
+                task.d_step()
+            s = _median_time(it, iters, rt)
+            fl = _flops(it)
+            rows.append({"bench": f"CycleGAN resnet_9blocks b{batch} {size}px iteration", "path": path,
+                         "runtime": rt.describe(), "s": s, "images_per_s": batch / s,
+                         "quoted_reference_s": QUOTED[quoted], "flops": fl, "flop_per_s": fl / s})
+    return rows
+
+
+def section_effnet(iters: int) -> list[dict]:
+    import torch.nn.functional as F
+    from classifier.model import create_classifier
+
+    rows = []
+    for batch, size in ((16, 224), (64, 64)):
+        for path, cl in (("reference-equivalent (fp32, NCHW, eager)", "off"), ("histosynth default", "on")):
+            rt = Runtime.from_choices("auto", "auto", cl)
+            torch.manual_seed(0)
+            net = rt.prepare(create_classifier("efficientnet-b0", 3))
+            opt = torch.optim.AdamW(net.parameters(), 1e-3, fused=rt.device.type == "cuda")
+            x = rt.batch(torch.randn(batch, 3, size, size))
+            y = torch.randint(0, 3, (batch,), device=rt.device)
+
+            def step():
+                with rt.autocast():
+                    out = net(x)
+                loss = F.cross_entropy(out.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            s = _median_time(step, iters, rt)
+            rows.append({"bench": f"EfficientNet-B0 train step b{batch} {size}px", "path": path,
+                         "runtime": rt.describe(), "s": s, "images_per_s": batch / s, "flops": _flops(step)})
+    return rows
+
+
+def section_data(iters: int) -> list[dict]:
+    import numpy as np
+    from classifier.augment import build_augment
+    from histosynth.data import TileCache, flip_rot90
+
+    src = DEMO / "train"
+    n = sum(1 for _ in src.rglob("*.jpg"))
+    t = time.perf_counter()
+    cache = TileCache.build(src, 64, cache_dir=None, progress=False)
+    decode = time.perf_counter() - t
+    x = torch.from_numpy(np.asarray(cache.images[:64]).copy())
+    gen = torch.Generator().manual_seed(0)
+    rt = Runtime.from_choices("cpu", "off", "off")
+    s_flip = _median_time(lambda: flip_rot90(x, gen, "flip_rot90"), iters, rt)
+    aug = build_augment("classic", 0)
+    imgs = [np.ascontiguousarray(im.transpose(1, 2, 0)) for im in np.asarray(cache.images[:64])]
+    s_alb = _median_time(lambda: [aug(image=im) for im in imgs], iters, rt)
+    return [{"bench": f"decode {n} JPEGs into the 64 px tile cache", "path": "once per data set",
+             "s": decode, "images_per_s": n / decode},
+            {"bench": "tensor flips/rot90 (GAN loop), batch 64 at 64 px", "path": "per step", "s": s_flip,
+             "images_per_s": 64 / s_flip},
+            {"bench": "albumentations 'classic' (classifier), 64 tiles at 64 px", "path": "per step",
+             "s": s_alb, "images_per_s": 64 / s_alb}]
+
+
+def section_generate(iters: int, sizes=(1000, 10000)) -> list[dict]:
+    """gan-generate time and peak memory vs tiles, each size in a fresh process."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        from gans.train_gan import load_config, train_gan
+        cfg, _ = load_config("dcgan", ["train.steps=2", "train.checkpoint_every=2", "train.sample_every=2",
+                                       "data.cache=memory"])
+        run = Path(tmp) / "run"
+        train_gan(cfg, run, progress=False)
+        for n in sizes:
+            per_class = n // 3
+            code = ("import sys,time,resource; sys.path.insert(0, %r); from gans.generate import generate; "
+                    "t=time.perf_counter(); generate(%r, %r, %d, progress=False); "
+                    "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+                    % (str(ROOT), str(run), str(Path(tmp) / f"g{n}"), per_class))
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            s, rss = out.stdout.split()[-2:]
+            rows.append({"bench": f"gan-generate {per_class * 3} tiles (dcgan 64 px, PNG + sha256)",
+                         "path": "histosynth default", "s": float(s), "images_per_s": per_class * 3 / float(s),
+                         "peak_rss_mb": int(rss) / 1024})
+    return rows
+
+
+def section_metrics(iters: int) -> list[dict]:
+    import numpy as np
+    from classifier.model import create_classifier
+    from metrics.distribution import kid
+    from metrics.features import EfficientNetExtractor, PixelExtractor
+
+    x = torch.randint(0, 256, (1000, 3, 64, 64), dtype=torch.uint8)
+    rows = []
+    rt = Runtime.from_choices("auto", "off", "off")
+    pix = PixelExtractor()
+    s = _median_time(lambda: [pix(x[i:i + 64]) for i in range(0, 1000, 64)], max(1, iters // 3), rt)
+    rows.append({"bench": "pixel features, 1000 tiles", "path": "histosynth default", "s": s, "images_per_s": 1000 / s})
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"model": create_classifier("efficientnet-b0", 3).state_dict(), "variant": "efficientnet-b0"},
+                   Path(tmp) / "w.pt")
+        ext = EfficientNetExtractor(Path(tmp) / "w.pt", "efficientnet-b0", 64)
+        s = _median_time(lambda: [ext(x[i:i + 64]) for i in range(0, 1000, 64)], 1, rt)
+    rows.append({"bench": "EfficientNet-B0 features at 64 px, 1000 tiles", "path": "histosynth default", "s": s,
+                 "images_per_s": 1000 / s})
+    f1, f2 = torch.from_numpy(np.random.default_rng(0).normal(size=(1000, 1280))).float(), \
+        torch.from_numpy(np.random.default_rng(1).normal(size=(1000, 1280))).float()
+    s = _median_time(lambda: kid(f1, f2), max(1, iters // 3), rt)
+    rows.append({"bench": "KID (piq), 1000 x 1000 tiles, 1280-d", "path": "histosynth default", "s": s,
+                 "images_per_s": 2000 / s})
+    return rows
+
+
+SECTIONS = {"gans": section_gans, "sngan32": section_sngan32, "cyclegan": section_cyclegan,
+            "effnet": section_effnet, "data": section_data, "generate": section_generate,
+            "metrics": section_metrics}
+
+
+def _run_one(name: str, iters: int) -> list[dict]:
+    rows = SECTIONS[name](iters)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    for r in rows:
+        r["section"] = name
+        r.setdefault("peak_rss_mb", rss)
+        r["peak_cuda_mb"] = cuda
+    return rows
+
+
+def _markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"device: {meta['device'].replace(' | ', ', ')}; torch {meta['torch']}; {meta['threads']} threads; "
+             f"medians of {meta['iters']} after warm-up; {meta['time']}", "",
+             "| benchmark | path | runtime | s | images/s | speed-up vs fp32 eager | quoted reference s | x quoted | GFLOP/s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {r["bench"]: r["s"] for r in rows if r["path"].startswith("reference-equivalent")}
+    for r in rows:
+        ratio = f"{base[r['bench']] / r['s']:.2f}x" if r["bench"] in base and not r["path"].startswith("reference") else ""
+        quoted = r.get("quoted_reference_s")
+        xq = f"{quoted / r['s']:.2f}x" if quoted else ""
+        gflops = f"{r['flops'] / r['s'] / 1e9:.1f}" if r.get("flops") else ""
+        runtime = r.get("runtime", "").replace(" | ", ", ")
+        lines.append(f"| {r['bench']} | {r['path']} | {runtime} | {r['s']:.3f} | "
+                     f"{r['images_per_s']:.1f} | {ratio} | {quoted or ''} | {xq} | {gflops} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--render", action="store_true", help="only rewrite benchmarks.md from benchmarks.json")
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.render:
+        data = json.loads((Path(args.out) / "benchmarks.json").read_text())
+        (Path(args.out) / "benchmarks.md").write_text(_markdown(data["meta"], data["results"]))
+        return
+    if args._child:
+        print(json.dumps(_run_one(args._child, args.iters)))
+        return
+    rows = []
+    for name in args.sections:
+        print(f"benchmarks: {name} ...", file=sys.stderr, flush=True)
+        out = subprocess.run([sys.executable, __file__, "--_child", name, "--iters", str(args.iters)],
+                             capture_output=True, text=True)
+        if out.returncode:
+            print(out.stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"benchmark section {name} failed")
+        rows += json.loads(out.stdout.strip().splitlines()[-1])
+    rt = Runtime.from_choices("auto", "auto", "auto", cpu_fast_path=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "device": rt.describe() + (
+                f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
+            "iters": args.iters, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmarks.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    md = _markdown(meta, rows)
+    (out / "benchmarks.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
