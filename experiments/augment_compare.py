@@ -83,10 +83,14 @@ def claim_compare_dir(out: Path, cfg: CompareConfig, overwrite: bool) -> bool:
     """Prepare ``out``; True when continuing an earlier run of the same config."""
     saved = out / "config.yaml"
     now = configlib.to_dict(cfg)
+    started = any((out / p).exists() for p in ("results.csv", "cells", "gan"))
     if saved.is_file() and not overwrite:
         old = yaml.safe_load(saved.read_text()) or {}
         a, b = _flatten(old), _flatten(now)
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff and not started:        # an earlier start failed before computing anything
+            atomic_write_text(saved, configlib.dump_yaml(cfg))
+            return False
         if diff:
             raise OutputExistsError(f"{out} holds a comparison run with another config (differs in "
                                     f"{', '.join(diff[:6])}); pass --overwrite to start over, or "

@@ -18,6 +18,18 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, Checkpoi
                                                 NotADirectoryError)
 
 
+# the key to lower when a command runs out of memory
+BATCH_KEYS = {"train-gan": "train.batch_size (--set train.batch_size=N)",
+              "augment-compare": "classifier.train.batch_size (--set classifier.train.batch_size=N)",
+              "gan-generate": "--batch-size", "gan-translate": "--tile", "piq-report": "--size",
+              "gan-eval": "--max-images"}
+
+
+def _is_cuda_oom(e: BaseException) -> bool:
+    import torch
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e)
+
+
 def register_user_error(*types: type[BaseException]) -> None:
     global USER_ERRORS
     USER_ERRORS = USER_ERRORS + tuple(t for t in types if t not in USER_ERRORS)
@@ -34,6 +46,19 @@ def run_cli(prog: str, fn: Callable[[], int | None]) -> int:
     except USER_ERRORS as e:
         msg = str(e).strip() or type(e).__name__
         print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+    except MemoryError as e:        # torch.cuda.OutOfMemoryError is a RuntimeError, see below
+        print(f"{prog}: error: out of memory ({e or 'MemoryError'}); lower {BATCH_KEYS.get(prog, 'the batch size')}",
+              file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not _is_cuda_oom(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
+        resume = {"train-gan": "; the last checkpoint is kept: continue with --resume RUN --set ...",
+                  "augment-compare": "; finished cells are kept: re-run the command"}.get(prog, "")
+        print(f"{prog}: error: out of GPU memory ({first}); lower {BATCH_KEYS.get(prog, 'the batch size')}"
+              f"{resume}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; a run can continue from its last checkpoint with --resume",

@@ -1,0 +1,89 @@
+"""Generate the bad-input corpus (nothing binary is checked in): python tests/bad_inputs.py OUT
+
+OUT/
+  images/<class>/       good real tiles plus, in the first class, every kind of bad or odd file:
+                        corrupt.jpg, truncated.png, zero.png, not_an_image.png (text), bomb.png
+                        (beyond Pillow's decompression-bomb limit), and readable oddities that must
+                        be converted, not skipped: gray16.tif (16-bit), rgba.png, palette.png, gray.png
+  flat/                 the same files without class folders (gan-translate input)
+  empty_class/<c>/      class folders, one of them empty
+  split/{train,val,test}/<class>/   a train/val/test tree with bad files in train
+  unpaired/{a,b}/       CycleGAN paired test folders whose names do not match
+  yaml/                 unknown_key.yaml, wrong_type.yaml, negative_lr.yaml, missing_path.yaml,
+                        not_a_mapping.yaml, broken.yaml (invalid YAML)
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ODD_READABLE = ("gray16.tif", "rgba.png", "palette.png", "gray.png")
+UNREADABLE = ("corrupt.jpg", "truncated.png", "zero.png", "not_an_image.png", "bomb.png")
+
+
+def _bad_files(dst: Path, src_tile: Path) -> None:
+    rgb = np.asarray(Image.open(src_tile).convert("RGB"))
+    (dst / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
+    buf = dst / "_full.png"
+    Image.fromarray(rgb).save(buf)
+    data = buf.read_bytes()
+    buf.unlink()
+    (dst / "truncated.png").write_bytes(data[: len(data) // 2])
+    (dst / "zero.png").write_bytes(b"")
+    (dst / "not_an_image.png").write_text("this is a text file with an image extension\n")
+    Image.new("1", (20000, 20000)).save(dst / "bomb.png")          # 400 M pixels, a few kB
+    gray = rgb.mean(2)
+    Image.fromarray((gray * 257).astype(np.uint16)).save(dst / "gray16.tif")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)]), "RGBA").save(dst / "rgba.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(dst / "palette.png")
+    Image.fromarray(gray.astype(np.uint8), "L").save(dst / "gray.png")
+
+
+def make_corpus(out: str | Path, real: str | Path, n_classes: int = 3, per_class: int = 4) -> Path:
+    """Build the corpus under ``out`` from the real class-folder tree ``real``."""
+    out, real = Path(out), Path(real)
+    classes = sorted(d for d in real.iterdir() if d.is_dir())[:n_classes]
+    for c in classes:
+        files = sorted(c.iterdir())[:per_class]
+        for f in files:
+            for d in (out / "images" / c.name, out / "empty_class" / c.name):
+                d.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, d / f.name)
+        for split, fs in (("train", files[:2]), ("val", files[2:3]), ("test", files[3:4])):
+            (out / "split" / split / c.name).mkdir(parents=True, exist_ok=True)
+            for f in fs:
+                shutil.copy(f, out / "split" / split / c.name / f.name)
+    first = out / "images" / classes[0].name
+    _bad_files(first, sorted(first.iterdir())[0])
+    _bad_files(out / "split" / "train" / classes[0].name, sorted(classes[0].iterdir())[0])
+    shutil.rmtree(out / "empty_class" / classes[-1].name)
+    (out / "empty_class" / classes[-1].name).mkdir()
+    (out / "flat").mkdir()
+    for f in (out / "images").rglob("*"):
+        if f.is_file():
+            shutil.copy(f, out / "flat" / f.name)
+    for side, names in (("a", ("x1.png", "x2.png")), ("b", ("y1.png", "y2.png"))):
+        (out / "unpaired" / side).mkdir(parents=True)
+        for n, f in zip(names, sorted(classes[0].iterdir())):
+            Image.open(f).convert("RGB").save(out / "unpaired" / side / n)
+    y = out / "yaml"
+    y.mkdir()
+    (y / "unknown_key.yaml").write_text("model:\n  family: sngan\n  chanels: 16\n")
+    (y / "wrong_type.yaml").write_text("train:\n  steps: many\n")
+    (y / "negative_lr.yaml").write_text("train:\n  lr_g: -0.001\n")
+    (y / "missing_path.yaml").write_text("data:\n  root: /nonexistent/histosynth/data\n")
+    (y / "not_a_mapping.yaml").write_text("- just\n- a list\n")
+    (y / "broken.yaml").write_text("train: {steps: [1, 2\n")
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        raise SystemExit(__doc__)
+    src = Path(sys.argv[2]) if len(sys.argv) == 3 else Path(__file__).resolve().parents[1] / "data" / "lung_demo" / "train"
+    print(make_corpus(sys.argv[1], src))
