@@ -32,7 +32,7 @@ from classifier.config import ClassifierConfig
 from classifier.data import TileDataset, normalise
 from classifier.metrics import classification_metrics
 from classifier.model import create_classifier
-from histosynth.checkpoint import atomic_save, atomic_write_text, safe_load
+from histosynth.checkpoint import atomic_save, atomic_write_text, remove_stale_temps, safe_load
 from histosynth.runtime import NonFiniteLossError, Runtime, eval_mode
 
 SAMPLERS = ("random", "balanced")
@@ -127,6 +127,7 @@ def fit(cfg: ClassifierConfig, train: TileDataset, val_images: np.ndarray, val_l
 
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "done": False}
     last = run_dir / "last.pt"
+    remove_stale_temps(run_dir)
     ck = safe_load(last) if last.is_file() else None
     if ck is not None and ck["state"]["done"]:
         return _summary(ck["state"], run_dir, rt)

@@ -49,7 +49,7 @@ from experiments.report import summarise, write_report  # noqa: E402
 from experiments.splits import SPLITS, resolve_splits  # noqa: E402
 from histosynth import config as configlib  # noqa: E402
 from histosynth.checkpoint import (atomic_write, atomic_write_csv, atomic_write_text,  # noqa: E402
-                                   safe_load, sha256_file)
+                                   remove_stale_temps, safe_load, sha256_file)
 from histosynth.cli import register_user_error, run_cli  # noqa: E402
 from histosynth.data import TileCache, default_cache_dir  # noqa: E402
 from histosynth.images import DataError  # noqa: E402
@@ -260,6 +260,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, overwrite: bool = False, pr
     else:
         resumed = claim_compare_dir(out, cfg, overwrite)
         if resumed:
+            remove_stale_temps(out)
             print(f"augment-compare: continuing {out} (finished cells are skipped)", file=sys.stderr)
     splits, caches = load_splits(cfg, out, progress)
     leak_info, evals = leakage_checks(splits, caches, progress)

@@ -33,7 +33,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from histosynth.checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load
+from histosynth.checkpoint import (CheckpointError, atomic_save, atomic_write_text, remove_stale_temps,
+                                   safe_load)
 from histosynth.config import dump_yaml, to_dict
 from histosynth.paths import claim_output_dir
 from histosynth.runtime import NonFiniteLossError, Runtime
@@ -67,6 +68,7 @@ def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> RunPaths:
         if not paths.config.is_file():
             raise RunDirError(f"cannot resume: {out} has no config.yaml (is it a histosynth run "
                               "directory?)")
+        remove_stale_temps(paths.root)          # a kill inside a write leaves its temp file
         return paths
     claim_output_dir(paths.root, overwrite, hint=f"pass --resume {out} to continue that run, "
                                                  "--overwrite to replace it, or another --out")
@@ -153,7 +155,7 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
         start = int(ck["step"])
     if resume:                      # drop what a killed run logged after its last checkpoint
         _truncate_metrics(paths.metrics, start)
-    paths.config.write_text(dump_yaml(cfg))
+    atomic_write_text(paths.config, dump_yaml(cfg))
 
     def save_checkpoint(step: int) -> None:
         atomic_save({

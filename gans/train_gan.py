@@ -79,6 +79,8 @@ def train_gan(cfg: GANConfig | CycleGANConfig, out: str | Path, resume: bool = F
               overwrite: bool = False, progress: bool = True) -> dict:
     """Train ``cfg`` into run directory ``out``; returns the loop's summary."""
     paths = prepare_run_dir(out, resume, overwrite)
+    if not resume:      # first thing in the folder: a kill from here on can be continued with --resume
+        atomic_write_text(paths.config, configlib.dump_yaml(cfg))
     if isinstance(cfg, CycleGANConfig):
         from gans.cyclegan import CycleGANTask
         from gans.cyclegan_eval import evaluate_run

@@ -14,6 +14,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, unsafe or of another model; the message says which."""
 
 
+_FAILPOINT = {"n": 0}
+
+
+def _failpoint() -> None:
+    """Fault injection for the harness (tests/fault_harness.py): with HISTOSYNTH_FAILPOINT=N the
+    process SIGKILLs itself inside its N-th atomic write, after the temporary file is written and
+    before it replaces the target -- the worst moment. Unset (always, outside the harness): no-op."""
+    n = os.environ.get("HISTOSYNTH_FAILPOINT")
+    if n:
+        _FAILPOINT["n"] += 1
+        if _FAILPOINT["n"] == int(n):
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync, then rename over ``path``.
 
@@ -28,6 +43,7 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        _failpoint()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -40,6 +56,18 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
             os.close(fd)
     except OSError:
         pass
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files a killed writer left under ``folder`` (``.NAME.PID.tmp``);
+    the files they were meant to replace are intact. Returns what was removed."""
+    import re
+    gone = []
+    for p in Path(folder).rglob(".*.tmp"):
+        if p.is_file() and re.fullmatch(r"\..+\.\d+\.tmp", p.name):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

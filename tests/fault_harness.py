@@ -1,0 +1,209 @@
+"""Fault-injection harness: kill training runs at random points and check that resuming loses nothing.
+
+    python tests/fault_harness.py --kills 20 --out /tmp/faults          # every job, 20 kills each
+    python tests/fault_harness.py --jobs dcgan compare --kills 3        # a subset (what CI runs)
+
+For each job (dcgan, sngan, wgan_gp, cyclegan: train-gan; classifier: an augment-compare cell
+killed mid-training; compare: a 2 x 2 augment-compare run) the harness runs it once uninterrupted,
+then again under fire: each attempt is SIGKILLed either after a random delay or, every other
+attempt, inside an atomic write (HISTOSYNTH_FAILPOINT: after the temporary file is written,
+before it replaces the target) and then restarted with the resume command, until it finishes.
+Checked at the end: the run reached its configured end, every checkpoint loads
+(``weights_only=True``), no temporary file is left, no traceback was printed by a resume, and
+the final weights (GANs: G, D, EMA, optimizers; classifier/compare: best weights, every
+epoch's losses and the test metrics) equal the uninterrupted run's. Writes a JSON and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+SHARED = Path(os.environ.get("HISTOSYNTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+TILES = SHARED / "crc_mini" if (SHARED / "crc_mini").is_dir() else ROOT / "data" / "lung_demo" / "train"
+STAIN = ((SHARED / "stain" / "trainA_he", SHARED / "stain" / "trainB_ihc") if (SHARED / "stain").is_dir()
+         else (ROOT / "data/lung_demo/train/lung_aca", ROOT / "data/lung_demo/train/lung_n"))
+
+
+def _sets(items) -> list[str]:
+    return sum((["--set", s] for s in items), [])
+
+
+def _gan_job(family: str):
+    from conftest import tiny_overrides
+    sets = tiny_overrides(TILES, **{"train.steps": 200, "train.checkpoint_every": 4, "train.sample_every": 50,
+                                    "train.log_every": 2})
+
+    def start(out):
+        return [sys.executable, "-m", "gans.train_gan", "--cfg", family, "--out", str(out), "--no-progress", *_sets(sets)]
+
+    def resume(out):
+        return [sys.executable, "-m", "gans.train_gan", "--resume", str(out), "--no-progress"]
+    return start, resume, _gan_final
+
+
+def _cyclegan_job():
+    from test_cyclegan import tiny_cycle_sets
+    sets = tiny_cycle_sets(*STAIN, **{"train.steps": 60, "train.checkpoint_every": 3, "train.sample_every": 30,
+                                      "eval.max_images": 1})
+
+    def start(out):
+        return [sys.executable, "-m", "gans.train_gan", "--cfg", "cyclegan_cpu", "--out", str(out), "--no-progress",
+                *_sets(sets)]
+
+    def resume(out):
+        return [sys.executable, "-m", "gans.train_gan", "--resume", str(out), "--no-progress"]
+    return start, resume, _gan_final
+
+
+def _compare_job(arms: str, seeds: str, epochs: int):
+    sets = [f"data.root={TILES}", "data.split=stratified", "gan.config=null", f"arms={arms}", f"seeds={seeds}",
+            "classifier.model.image_size=32", "classifier.model.bn_momentum=0.5", "classifier.train.batch_size=8",
+            f"classifier.train.epochs={epochs}", "classifier.train.patience=0", "classifier.train.min_epochs=0",
+            "classifier.train.device=cpu"]
+
+    def start(out):
+        return [sys.executable, "-m", "experiments.augment_compare", "--cfg", "compare_demo", "--out", str(out),
+                "--no-progress", *_sets(sets)]
+    return start, start, _compare_final
+
+
+JOBS = {
+    "dcgan": lambda: _gan_job("dcgan"), "sngan": lambda: _gan_job("sngan"),
+    "wgan_gp": lambda: _gan_job("wgan_gp"), "cyclegan": _cyclegan_job,
+    "classifier": lambda: _compare_job("[{name: real_only, augment: classic}]", "[0]", 12),
+    "compare": lambda: _compare_job("[{name: real_only}, {name: balanced, sampler: balanced}]", "[0, 1]", 4),
+}
+
+
+def _gan_final(out: Path) -> dict:
+    from histosynth.checkpoint import safe_load
+    ck = safe_load(out / "checkpoints" / "last.pt")
+    return {"step": ck["step"], "tensors": {f"{part}.{name}.{k}": v for part in ("modules", "ema")
+                                            for name, sd in ck[part].items() for k, v in sd.items()},
+            "optim": ck["optimizers"]}
+
+
+def _compare_final(out: Path) -> dict:
+    from histosynth.checkpoint import safe_load
+    rows = sorted(csv.DictReader(open(out / "results.csv")), key=lambda r: (r["arm"], int(r["seed"])))
+    tensors, history = {}, {}
+    for r in rows:
+        cell = out / r["cell_dir"]
+        tensors.update({f"{r['cell_dir']}.{k}": v for k, v in safe_load(cell / "best.pt")["model"].items()})
+        history[r["cell_dir"]] = safe_load(cell / "last.pt")["state"]["history"]
+    metrics = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return {"step": len(rows), "tensors": tensors, "history": history, "metrics": metrics}
+
+
+def _equal(a: dict, b: dict) -> list[str]:
+    import torch
+    bad = [k for k, v in a["tensors"].items() if k not in b["tensors"] or not torch.equal(v, b["tensors"][k])]
+    for key in ("history", "metrics", "step"):
+        if a.get(key) != b.get(key):
+            bad.append(key)
+    return bad
+
+
+def _no_temps(out: Path) -> list[str]:
+    return [str(p) for p in out.rglob("*.tmp")]
+
+
+def _all_checkpoints_load(out: Path) -> list[str]:
+    from histosynth.checkpoint import CheckpointError, safe_load
+    bad = []
+    for p in out.rglob("*.pt"):
+        try:
+            safe_load(p)
+        except CheckpointError as e:
+            bad.append(f"{p}: {e}")
+    return bad
+
+
+def run_job(name: str, kills: int, work: Path, seed: int) -> dict:
+    start, resume, final = JOBS[name]()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HISTOSYNTH_CACHE": str(work / "cache")}
+    ref, out = work / f"{name}-ref", work / f"{name}-faults"
+    for d in (ref, out):
+        shutil.rmtree(d, ignore_errors=True)
+    t0 = time.time()
+    subprocess.run(start(ref), env=env, check=True, capture_output=True, cwd=ROOT)
+    t_ref = time.time() - t0
+    rng = random.Random(seed)
+    injected = in_write = resumes = 0
+    tracebacks = []
+    cmd = start(out)
+    while True:
+        e = dict(env)
+        if injected < kills and injected % 2 == 1:          # kill inside an atomic write
+            e["HISTOSYNTH_FAILPOINT"] = str(rng.randint(1, 12))
+        proc = subprocess.Popen(cmd, env=e, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if injected < kills and "HISTOSYNTH_FAILPOINT" not in e:
+            try:
+                # past the interpreter's start-up (~2-3 s), a little way into the remaining work
+                proc.wait(timeout=rng.uniform(2.0, 5.0))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        if proc.returncode == -signal.SIGKILL:
+            injected += 1
+            in_write += "HISTOSYNTH_FAILPOINT" in e
+            # killed before the run wrote its config (during interpreter start-up): start again
+            cmd = resume(out) if (out / "config.yaml").is_file() else start(out)
+            resumes += 1
+            continue
+        if "Traceback" in err:
+            tracebacks.append(err[-1500:])
+        if proc.returncode == 0:
+            break
+        raise RuntimeError(f"{name}: a resume exited {proc.returncode}: {err[-1500:]}")
+    diff = _equal(final(ref), final(out))
+    return {"job": name, "kills": injected, "kills_inside_a_write": in_write, "resumes": resumes,
+            "reached_end": final(out)["step"] == final(ref)["step"], "identical_to_uninterrupted": not diff,
+            "differences": diff[:5], "tracebacks": len(tracebacks), "temp_files_left": _no_temps(out),
+            "unloadable_checkpoints": _all_checkpoints_load(out), "uninterrupted_s": round(t_ref, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS))
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="results folder (default: a temporary one)")
+    args = ap.parse_args(argv)
+    work = Path(args.out or tempfile.mkdtemp(prefix="histosynth-faults-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, name in enumerate(args.jobs):
+        print(f"fault harness: {name} ({args.kills} kills) ...", file=sys.stderr, flush=True)
+        rows.append(run_job(name, args.kills, work, args.seed + i))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    (work / "faults.json").write_text(json.dumps(rows, indent=1))
+    table = ["| job | kills | inside a write | resumes | reached end | identical weights | tracebacks | temp files | bad checkpoints |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {r['job']} | {r['kills']} | {r['kills_inside_a_write']} | {r['resumes']} | {r['reached_end']} | "
+              f"{r['identical_to_uninterrupted']} | {r['tracebacks']} | {len(r['temp_files_left'])} | "
+              f"{len(r['unloadable_checkpoints'])} |" for r in rows]
+    (work / "faults.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    ok = all(r["reached_end"] and r["identical_to_uninterrupted"] and not r["tracebacks"] and not r["temp_files_left"]
+             and not r["unloadable_checkpoints"] for r in rows)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
