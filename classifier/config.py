@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from histosynth.config import require
+from histosynth.config import require, require_choice
 
 VARIANTS = tuple(f"efficientnet-b{i}" for i in range(9))
 
@@ -32,12 +32,7 @@ class ClassifierModelConfig:
     predicts one class. 0.1 (PyTorch's default) converges in a few dozen steps."""
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            import difflib
-            close = difflib.get_close_matches(self.variant, VARIANTS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            require(False, "variant", f"{self.variant!r} is not an EfficientNet variant{hint}; "
-                                      f"choose one of {', '.join(VARIANTS)}")
+        require_choice(self.variant, VARIANTS, "variant", "an EfficientNet variant")
         require(16 <= self.image_size <= 1024, "image_size", f"must be in 16..1024, got {self.image_size}")
         require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         require(0 < self.bn_momentum < 1, "bn_momentum", f"must be in (0, 1), got {self.bn_momentum}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from histosynth.config import require
+from histosynth.config import require, require_choice
 
 
 
@@ -57,13 +57,7 @@ class ModelConfig:
         from gans.registry import list_families
         import gans  # noqa: F401  (make sure every family is registered)
 
-        families = list_families()
-        if self.family not in families:
-            import difflib
-            close = difflib.get_close_matches(self.family, families, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            require(False, "family", f"{self.family!r} is not a registered family{hint}; "
-                                     f"choose one of {', '.join(families)}")
+        require_choice(self.family, list_families(), "family", "a registered family")
         require(1 <= self.z_dim <= 4096, "z_dim", f"must be in 1..4096, got {self.z_dim}")
         require(1 <= self.ch <= 1024, "ch", f"must be in 1..1024, got {self.ch}")
 

@@ -56,6 +56,16 @@ def require(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(key, msg)
 
 
+def require_choice(value: str, choices, key: str, what: str) -> None:
+    """``value`` must be one of ``choices`` (known only at run time, e.g. a registry); the error
+    names the closest choice and all of them."""
+    choices = list(choices)
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(key, f"{value!r} is not {what}{hint}; choose one of {', '.join(choices)}")
+
+
 # ----------------------------------------------------------------------------------------------
 # locating and reading files
 

@@ -5,17 +5,24 @@ from __future__ import annotations
 import numpy as np
 
 
+_EMPTY = {"n": 0, "mean": float("nan"), "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+
+
+def _finite(values) -> tuple[np.ndarray, int]:
+    """The finite values as float64, and how many there are (NaNs and infinities are dropped)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return v, int(v.size)
+
+
 def mean_ci(values, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
     """Mean, standard deviation and a percentile-bootstrap CI of the mean of ``values``.
 
     NaNs are dropped; with fewer than two values the interval is the value itself.
     """
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    n = int(v.size)
+    v, n = _finite(values)
     if n == 0:
-        return {"n": 0, "mean": float("nan"), "std": float("nan"), "ci_low": float("nan"),
-                "ci_high": float("nan")}
+        return dict(_EMPTY)
     mean = float(v.mean())
     if n == 1:
         return {"n": 1, "mean": mean, "std": 0.0, "ci_low": mean, "ci_high": mean}
@@ -29,15 +36,12 @@ def t_interval(values, level: float = 0.95) -> dict[str, float]:
     """Mean, standard deviation and Student-t CI of the mean (the usual interval over a few seeds)."""
     from scipy import stats
 
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    n = int(v.size)
+    v, n = _finite(values)
     if n == 0:
-        return {"n": 0, "mean": float("nan"), "std": float("nan"), "ci_low": float("nan"),
-                "ci_high": float("nan")}
+        return dict(_EMPTY)
     mean = float(v.mean())
     if n == 1:
-        return {"n": 1, "mean": mean, "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+        return {**_EMPTY, "n": 1, "mean": mean}
     sd = float(v.std(ddof=1))
     half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / np.sqrt(n)
     return {"n": n, "mean": mean, "std": sd, "ci_low": mean - half, "ci_high": mean + half}

@@ -48,6 +48,18 @@ def _skipped_and_read(err):
         assert name not in err, f"{name} should have been converted, not skipped"
 
 
+def _first_runs_and_second_is_refused(main, prog, first, second, out, needle, capsys):
+    """``first`` succeeds with every bad file reported; ``second`` into the same ``out`` is refused
+    with one line naming ``needle``, and ``out`` is byte-for-byte unchanged."""
+    rc, err = _run(main, first, capsys)
+    assert rc == 0
+    _skipped_and_read(err)
+    before = _tree_digest(out)
+    rc, err = _run(main, second, capsys)
+    _one_line_error(rc, err, prog, needle)
+    assert _tree_digest(out) == before
+
+
 def _tree_digest(root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
@@ -62,15 +74,10 @@ COMPARE_FAST = ["classifier.model.image_size=32", "classifier.train.batch_size=8
 
 
 def test_train_gan(corpus, tmp_path, capsys):
-    rc, err = _run(train_main, ["--cfg", "dcgan", "--out", tmp_path / "r", "--no-progress",
-                                *_sets(tiny_overrides(corpus / "images", **{"train.steps": 2}))], capsys)
-    assert rc == 0
-    _skipped_and_read(err)
-    before = _tree_digest(tmp_path / "r")
-    rc, err = _run(train_main, ["--cfg", "dcgan", "--out", tmp_path / "r", "--no-progress",
-                                *_sets(tiny_overrides(corpus / "images"))], capsys)
-    _one_line_error(rc, err, "train-gan", "already exists", "--resume")
-    assert _tree_digest(tmp_path / "r") == before                        # nothing overwritten
+    args = ["--cfg", "dcgan", "--out", tmp_path / "r", "--no-progress"]
+    _first_runs_and_second_is_refused(
+        train_main, "train-gan", args + _sets(tiny_overrides(corpus / "images", **{"train.steps": 2})),
+        args + _sets(tiny_overrides(corpus / "images")), tmp_path / "r", "pass --resume", capsys)
     rc, err = _run(train_main, ["--cfg", "dcgan", "--out", tmp_path / "e", "--no-progress",
                                 *_sets(tiny_overrides(corpus / "empty_class"))], capsys)
     _one_line_error(rc, err, "train-gan", "empty class folder", "Add images or remove the folder")
@@ -114,30 +121,19 @@ def test_generate_and_translate(corpus, trained_run, stain_domains, tmp_path, ca
 
 
 def test_piq_report(corpus, tmp_path, capsys):
-    rc, err = _run(report_main, ["--real", corpus / "images", "--fake", corpus / "images", "--out", tmp_path / "p",
-                                 "--size", 32, "--boot", 0, "--no-progress"], capsys)
-    assert rc == 0
-    _skipped_and_read(err)
-    before = _tree_digest(tmp_path / "p")
-    rc, err = _run(report_main, ["--real", corpus / "images", "--fake", corpus / "images", "--out", tmp_path / "p",
-                                 "--no-progress"], capsys)
-    _one_line_error(rc, err, "piq-report", "already exists")
-    assert _tree_digest(tmp_path / "p") == before
+    args = ["--real", corpus / "images", "--fake", corpus / "images", "--out", tmp_path / "p", "--no-progress"]
+    _first_runs_and_second_is_refused(report_main, "piq-report", args + ["--size", 32, "--boot", 0], args,
+                                      tmp_path / "p", "already exists", capsys)
     rc, err = _run(report_main, ["--real", corpus / "empty_class", "--fake", corpus / "images", "--out",
                                  tmp_path / "q", "--no-progress"], capsys)
     _one_line_error(rc, err, "piq-report", "empty class folder")
 
 
 def test_augment_compare(corpus, tmp_path, capsys):
-    rc, err = _run(compare_main, ["--cfg", "compare_demo", "--out", tmp_path / "c", "--no-progress",
-                                  *_sets([f"data.root={corpus / 'split'}", *COMPARE_FAST])], capsys)
-    assert rc == 0
-    _skipped_and_read(err)
-    before = _tree_digest(tmp_path / "c")
-    rc, err = _run(compare_main, ["--cfg", "compare_demo", "--out", tmp_path / "c", "--no-progress",
-                                  *_sets([f"data.root={corpus / 'split'}", *COMPARE_FAST, "seeds=[1]"])], capsys)
-    _one_line_error(rc, err, "augment-compare", "differs in seeds")
-    assert _tree_digest(tmp_path / "c") == before
+    args = ["--cfg", "compare_demo", "--out", tmp_path / "c", "--no-progress",
+            *_sets([f"data.root={corpus / 'split'}", *COMPARE_FAST])]
+    _first_runs_and_second_is_refused(compare_main, "augment-compare", args, args + ["--set", "seeds=[1]"],
+                                      tmp_path / "c", "differs in seeds", capsys)
     for root, needle in ((corpus / "empty_class", "no train/ val/ test/"), (tmp_path / "nowhere", "nowhere")):
         rc, err = _run(compare_main, ["--cfg", "compare_demo", "--out", tmp_path / "d", "--no-progress",
                                       *_sets([f"data.root={root}", *COMPARE_FAST])], capsys)
