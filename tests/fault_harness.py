@@ -5,7 +5,7 @@
 
 For each job (dcgan, sngan, wgan_gp, cyclegan: train-gan; classifier: an augment-compare cell
 killed mid-training; compare: a 2 x 2 augment-compare run) the harness runs it once uninterrupted,
-then again under fire: each attempt is SIGKILLed either after a random delay or, every other
+then again under fire (as many runs as it takes to land the kills): each attempt is SIGKILLed either after a random delay or, every other
 attempt, inside an atomic write (HISTOSYNTH_FAILPOINT: after the temporary file is written,
 before it replaces the target) and then restarted with the resume command, until it finishes.
 Checked at the end: the run reached its configured end, every checkpoint loads
@@ -134,17 +134,10 @@ def _all_checkpoints_load(out: Path) -> list[str]:
     return bad
 
 
-def run_job(name: str, kills: int, work: Path, seed: int) -> dict:
-    start, resume, final = JOBS[name]()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HISTOSYNTH_CACHE": str(work / "cache")}
-    ref, out = work / f"{name}-ref", work / f"{name}-faults"
-    for d in (ref, out):
-        shutil.rmtree(d, ignore_errors=True)
-    t0 = time.time()
-    subprocess.run(start(ref), env=env, check=True, capture_output=True, cwd=ROOT)
-    t_ref = time.time() - t0
-    rng = random.Random(seed)
-    injected = in_write = resumes = 0
+def _faulted_round(start, resume, out: Path, env: dict, kills: int, rng: random.Random) -> dict:
+    """One run to completion under fire: up to ``kills`` SIGKILLs, alternating a random moment and
+    a moment inside an atomic write, each followed by the resume command."""
+    injected = in_write = 0
     tracebacks = []
     cmd = start(out)
     while True:
@@ -164,18 +157,50 @@ def run_job(name: str, kills: int, work: Path, seed: int) -> dict:
             in_write += "HISTOSYNTH_FAILPOINT" in e
             # killed before the run wrote its config (during interpreter start-up): start again
             cmd = resume(out) if (out / "config.yaml").is_file() else start(out)
-            resumes += 1
             continue
         if "Traceback" in err:
             tracebacks.append(err[-1500:])
         if proc.returncode == 0:
+            return {"kills": injected, "in_write": in_write, "tracebacks": tracebacks}
+        raise RuntimeError(f"a resume exited {proc.returncode}: {err[-1500:]}")
+
+
+def run_job(name: str, kills: int, work: Path, seed: int) -> dict:
+    """The uninterrupted run, then faulted runs (as many rounds as it takes to inject ``kills``
+    SIGKILLs: a short job can finish before all of them land), each compared with it."""
+    start, resume, final = JOBS[name]()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HISTOSYNTH_CACHE": str(work / "cache")}
+    ref = work / f"{name}-ref"
+    shutil.rmtree(ref, ignore_errors=True)
+    t0 = time.time()
+    subprocess.run(start(ref), env=env, check=True, capture_output=True, cwd=ROOT)
+    t_ref = time.time() - t0
+    want = final(ref)
+    rng = random.Random(seed)
+    total = {"kills": 0, "in_write": 0, "rounds": 0, "tracebacks": 0, "reached_end": True, "identical": True,
+             "differences": [], "temps": [], "bad": []}
+    while total["kills"] < kills or total["rounds"] == 0:
+        out = work / f"{name}-faults-{total['rounds']}"
+        shutil.rmtree(out, ignore_errors=True)
+        r = _faulted_round(start, resume, out, env, kills - total["kills"], rng)
+        got = final(out)
+        diff = _equal(want, got)
+        total["kills"] += r["kills"]
+        total["in_write"] += r["in_write"]
+        total["rounds"] += 1
+        total["tracebacks"] += len(r["tracebacks"])
+        total["reached_end"] &= got["step"] == want["step"]
+        total["identical"] &= not diff
+        total["differences"] += diff[:5]
+        total["temps"] += _no_temps(out)
+        total["bad"] += _all_checkpoints_load(out)
+        if r["kills"] == 0:                 # the job is too short to be hit at all
             break
-        raise RuntimeError(f"{name}: a resume exited {proc.returncode}: {err[-1500:]}")
-    diff = _equal(final(ref), final(out))
-    return {"job": name, "kills": injected, "kills_inside_a_write": in_write, "resumes": resumes,
-            "reached_end": final(out)["step"] == final(ref)["step"], "identical_to_uninterrupted": not diff,
-            "differences": diff[:5], "tracebacks": len(tracebacks), "temp_files_left": _no_temps(out),
-            "unloadable_checkpoints": _all_checkpoints_load(out), "uninterrupted_s": round(t_ref, 1)}
+    return {"job": name, "kills": total["kills"], "kills_inside_a_write": total["in_write"],
+            "rounds": total["rounds"], "reached_end": total["reached_end"],
+            "identical_to_uninterrupted": total["identical"], "differences": total["differences"][:5],
+            "tracebacks": total["tracebacks"], "temp_files_left": total["temps"],
+            "unloadable_checkpoints": total["bad"], "uninterrupted_s": round(t_ref, 1)}
 
 
 def main(argv=None) -> int:
@@ -193,9 +218,9 @@ def main(argv=None) -> int:
         rows.append(run_job(name, args.kills, work, args.seed + i))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     (work / "faults.json").write_text(json.dumps(rows, indent=1))
-    table = ["| job | kills | inside a write | resumes | reached end | identical weights | tracebacks | temp files | bad checkpoints |",
+    table = ["| job | kills | inside a write | faulted runs | reached end | identical weights | tracebacks | temp files | bad checkpoints |",
              "|---|---|---|---|---|---|---|---|---|"]
-    table += [f"| {r['job']} | {r['kills']} | {r['kills_inside_a_write']} | {r['resumes']} | {r['reached_end']} | "
+    table += [f"| {r['job']} | {r['kills']} | {r['kills_inside_a_write']} | {r['rounds']} | {r['reached_end']} | "
               f"{r['identical_to_uninterrupted']} | {r['tracebacks']} | {len(r['temp_files_left'])} | "
               f"{len(r['unloadable_checkpoints'])} |" for r in rows]
     (work / "faults.md").write_text("\n".join(table) + "\n")
