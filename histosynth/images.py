@@ -65,6 +65,7 @@ def open_rgb(path: str | Path) -> Image.Image:
     """Open ``path`` fully decoded as an 8-bit RGB PIL image, or raise UnreadableImage."""
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")        # Pillow's chatter (corrupt EXIF ...) names no file
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.seek(0)

@@ -6,6 +6,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from histosynth.data import BatchSampler, TileCache, flip_rot90
@@ -138,3 +140,44 @@ def test_flip_rot90_is_a_symmetry_of_each_tile():
         variants = [x[i].rot90(k, (1, 2)) for k in range(4)] + [x[i].flip(2).rot90(k, (1, 2)) for k in range(4)]
         assert any(torch.equal(out[i], v) for v in variants)
     assert torch.equal(flip_rot90(x, torch.Generator(), "none"), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# property-based: whatever Pillow can write, open_rgb returns 8-bit RGB of the same size; whatever
+# bytes a file holds, the loader either reads it or raises UnreadableImage -- nothing else
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mode=st.sampled_from(["L", "RGB", "RGBA", "LA", "P", "I;16", "1", "CMYK"]),
+       w=st.integers(1, 40), h=st.integers(1, 40), ext=st.sampled_from([".png", ".tif", ".bmp", ".webp", ".jpg"]),
+       seed=st.integers(0, 2**16))
+def test_any_writable_image_reads_as_rgb8(tmp_path, mode, w, h, ext, seed):
+    import numpy as np
+    from PIL import Image
+    from histosynth.images import open_rgb
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    else:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+    path = tmp_path / f"x{ext}"
+    try:
+        img.save(path)
+    except (OSError, ValueError, KeyError):
+        return                              # this format cannot store this mode: nothing to read
+    out = open_rgb(path)
+    assert out.mode == "RGB" and out.size == (w, h)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048), ext=st.sampled_from([".png", ".jpg", ".tif", ".bmp"]),
+       header=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"II*\x00", b"BM"]))
+def test_arbitrary_bytes_are_read_or_refused_cleanly(tmp_path, data, ext, header):
+    from histosynth.images import UnreadableImage, open_rgb
+    path = tmp_path / f"y{ext}"
+    path.write_bytes(header + data)
+    try:
+        out = open_rgb(path)
+    except UnreadableImage:
+        return
+    assert out.mode == "RGB"
