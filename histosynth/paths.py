@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from histosynth.checkpoint import remove_stale_temps
 from histosynth.config import PROJECT_ROOT
 
 
@@ -26,6 +27,8 @@ def claim_output_dir(path: str | Path, overwrite: bool,
                      hint: str = "pass --overwrite to replace it, or another --out") -> Path:
     """Make ``path`` an empty folder to write into; a non-empty one is refused unless ``overwrite``."""
     path = Path(path)
+    if path.is_dir():
+        remove_stale_temps(path)    # a write killed before its rename leaves only a temp file
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise OutputExistsError(f"{path} already exists and is not empty; {hint}")
