@@ -98,3 +98,9 @@ def assert_same_state(a: dict, b: dict) -> None:
             for k in sa[i]:
                 assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
     assert a["schedulers"] == b["schedulers"] and a["step"] == b["step"]
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every image file under ``root`` (the shared crc_mini is PNG, the bundled demo JPEG)."""
+    from histosynth.images import IMAGE_EXTENSIONS
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -22,6 +22,7 @@ from experiments.splits import resolve_splits
 from histosynth import config as configlib
 from histosynth.config import PROJECT_ROOT
 from histosynth.data import TileCache
+from conftest import image_files
 
 FAST = ["classifier.model.image_size=32", "classifier.train.batch_size=8", "classifier.train.device=cpu",
         "classifier.train.patience=0", "classifier.train.epochs=2", "classifier.train.min_epochs=0",
@@ -110,7 +111,7 @@ def test_shipped_compare_configs_load():
 
 
 def test_group_split_keeps_every_group_in_one_split(crc_mini, tmp_path):
-    files = sorted(p.relative_to(crc_mini).as_posix() for p in crc_mini.rglob("*.png"))
+    files = [p.relative_to(crc_mini).as_posix() for p in image_files(crc_mini)]
     with open(tmp_path / "groups.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "group_id"])
@@ -132,21 +133,21 @@ def test_group_split_keeps_every_group_in_one_split(crc_mini, tmp_path):
 
 def test_a_test_image_planted_in_train_is_refused(crc_mini, tmp_path, capsys):
     data = _split_tree(crc_mini, tmp_path / "data")
-    test_file = next((data / "test").rglob("*.png"))
-    shutil.copy(test_file, data / "train" / test_file.parent.name / "innocent_name.png")
+    test_file = image_files(data / "test")[0]
+    shutil.copy(test_file, data / "train" / test_file.parent.name / f"innocent_name{test_file.suffix}")
     rc = compare_main(["--cfg", "compare_demo", "--out", str(tmp_path / "out"), "--no-progress",
                        "--set", f"data.root={data}",
                        *sum((["--set", s] for s in FAST), [])])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
-    assert "test image(s) are also in the training set" in err and "innocent_name.png" in err
+    assert "test image(s) are also in the training set" in err and f"innocent_name{test_file.suffix}" in err
     assert not (tmp_path / "out" / "results.csv").exists()
 
 
 def test_a_group_spanning_train_and_test_is_refused(crc_mini, tmp_path):
     data = _split_tree(crc_mini, tmp_path / "data")
-    train_file = next((data / "train").rglob("*.png"))
-    test_file = next((data / "test").rglob("*.png"))
+    train_file = image_files(data / "train")[0]
+    test_file = image_files(data / "test")[0]
     (data / "groups.csv").write_text(f"file,group_id\n{train_file.relative_to(data)},patient7\n"
                                      f"{test_file.relative_to(data)},patient7\n")
     with pytest.raises(LeakageError, match="patient7"):
@@ -159,9 +160,9 @@ def test_synthetic_sets_are_verified_before_use(trained_run, crc_mini, tmp_path)
     generate(trained_run, synth, 2, device="cpu", progress=False)
     files = [p.relative_to(synth).as_posix() for p in synth.rglob("*.png")]
     info = verify_synthetic(synth, files, {}, [tmp_path / "elsewhere"], False)
-    assert info["verified"] and info["generator_train_files"] == len(list(crc_mini.rglob("*.png")))
+    assert info["verified"] and info["generator_train_files"] == len(image_files(crc_mini))
     # the generator was trained on crc_mini: if one of those tiles is a test image, refuse
-    test_hashes = file_hashes(crc_mini, [p.relative_to(crc_mini).as_posix() for p in crc_mini.rglob("*.png")][:1])
+    test_hashes = file_hashes(crc_mini, [image_files(crc_mini)[0].relative_to(crc_mini).as_posix()])
     with pytest.raises(LeakageError, match="trained on 1 validation/test image"):
         verify_synthetic(synth, files, {h: f"test/{f}" for h, f in test_hashes.items()}, [], False)
     # a tampered tile
