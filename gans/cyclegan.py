@@ -250,11 +250,12 @@ class CycleGANTask:
         }
         self.ema_names = ["G_ab", "G_ba"]
         self.n_dis = 1
-        self.pool_a = ImagePool(cfg.loss.pool_size, t.seed + 3)
-        self.pool_b = ImagePool(cfg.loss.pool_size, t.seed + 4)
+        # each rank keeps a history of its own fakes
+        self.pool_a = ImagePool(cfg.loss.pool_size, t.seed + 3 + 1000 * rt.rank)
+        self.pool_b = ImagePool(cfg.loss.pool_size, t.seed + 4 + 1000 * rt.rank)
         self.gen = torch.Generator().manual_seed(t.seed + 1)     # crops, flips, batch order
-        self.sampler_a = BatchSampler(len(data_a), t.batch_size, t.seed)
-        self.sampler_b = BatchSampler(len(data_b), t.batch_size, t.seed + 5)
+        self.sampler_a = BatchSampler(len(data_a), t.batch_size, t.seed, rt.rank, rt.world)
+        self.sampler_b = BatchSampler(len(data_b), t.batch_size, t.seed + 5, rt.rank, rt.world)
         self._fakes: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         # the grid shows the same crops at every step: the first tiles' centres
@@ -271,8 +272,8 @@ class CycleGANTask:
     def _load(self, data: TileCache, sampler) -> torch.Tensor:
         idx = sampler.next().numpy()
         x = torch.from_numpy(np.ascontiguousarray(data.images[idx]))
-        x = random_crop(x, self.cfg.data.image_size, self.gen)
-        x = flip_rot90(x, self.gen, self.cfg.data.augment)
+        x = random_crop(x, self.cfg.data.image_size, self.gen, self.rt.shard)
+        x = flip_rot90(x, self.gen, self.cfg.data.augment, self.rt.shard)
         return to_unit_range(self.rt.batch(x))
 
     def _gan(self, pred: torch.Tensor, real: bool) -> torch.Tensor:

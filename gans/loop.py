@@ -9,6 +9,13 @@ atomic checkpoints, resume and the NaN guard. Model-specific maths lives in a *t
 ``phases`` (the order of d/g updates in one step), ``sample_grid(gens)``, ``extra_state()`` /
 ``load_extra_state()``. :class:`gans.cyclegan.CycleGANTask` is the second such task.
 
+Data-parallel (``torchrun --nproc_per_node N -m gans.train_gan ...``): every process builds the
+same initial weights, draws its share of each global batch of ``train.batch_size`` (the batch of
+all processes together, as stylegan2-ada's ``--batch``), and gradients are averaged over processes
+before every optimizer step; rank 0 logs, draws samples and writes checkpoints, which hold every
+rank's RNG and task state, so a run resumes exactly on the same number of processes and continues
+(same data order, fresh per-rank noise) on another.
+
 Run directory::
 
     RUN/config.yaml            resolved config (every key, defaults filled in)
@@ -22,8 +29,10 @@ Run directory::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +44,8 @@ from tqdm.auto import tqdm
 
 from histosynth.checkpoint import (CheckpointError, atomic_save, atomic_write_text, remove_stale_temps,
                                    safe_load)
-from histosynth.config import dump_yaml, to_dict
+from histosynth.config import ConfigError, dump_yaml, to_dict
+from histosynth.distributed import Dist, setup as setup_distributed
 from histosynth.paths import claim_output_dir
 from histosynth.runtime import NonFiniteLossError, Runtime
 from histosynth.viz import plot_curves, save_grid
@@ -100,6 +110,22 @@ def ema_with_warmup(decay: float):
     return update
 
 
+def _rank_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of a rank's own noise stream (ranks > 0; rank 0 continues the run's stream)."""
+    return (seed * 1_000_003 + step * 7919 + rank) % (2 ** 63)
+
+
+def distributed_runtime(rt: Runtime, dist: Dist, batch_size: int) -> Runtime:
+    """``rt`` for this process of a data-parallel run: its own GPU, its rank."""
+    if not dist.active:
+        return rt
+    if batch_size % dist.world:
+        raise ConfigError("train.batch_size", f"{batch_size} cannot be shared out over {dist.world} "
+                          f"processes: it is the batch of all processes together, use a multiple of {dist.world}")
+    dev = torch.device("cuda", dist.local_rank) if rt.device.type == "cuda" else rt.device
+    return dataclasses.replace(rt, device=dev, rank=dist.rank, world=dist.world)
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -126,10 +152,20 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
     """
     t = cfg.train
     rt = Runtime.from_choices(t.device, t.amp, t.channels_last, cpu_fast_path=True)
-    torch.manual_seed(t.seed)
+    dist = setup_distributed(rt.device.type)
+    rt = distributed_runtime(rt, dist, t.batch_size)
+    torch.manual_seed(t.seed)               # the same initial weights on every rank
     if rt.device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     task = task_factory(cfg, rt)
+    if dist.active:
+        for m in task.modules.values():
+            dist.broadcast_module(m)
+        for o in task.optimizers.values():  # gradients averaged over ranks before every update
+            o.register_step_pre_hook(lambda opt, args, kwargs: dist.average_gradients(
+                [p for g in opt.param_groups for p in g["params"]]))
+        if dist.rank > 0:
+            torch.manual_seed(_rank_seed(t.seed, 0, dist.rank))
 
     emas = {n: AveragedModel(task.modules[n], multi_avg_fn=ema_with_warmup(t.ema_decay),
                              use_buffers=True) for n in task.ema_names} if t.ema_decay > 0 else {}
@@ -150,21 +186,31 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
             o.load_state_dict(ck["optimizers"][n])
         for n, s in scheds.items():
             s.load_state_dict(ck["schedulers"][n])
-        task.load_extra_state(ck["extra"])
-        _set_rng_state(ck["rng"])
         start = int(ck["step"])
-    if resume:                      # drop what a killed run logged after its last checkpoint
+        ranks = ck.get("ranks") or []
+        same_world = len(ranks) == dist.world and dist.active
+        mine = ranks[dist.rank] if same_world else {"rng": ck["rng"], "extra": ck["extra"]}
+        task.load_extra_state(mine["extra"])
+        _set_rng_state(mine["rng"])
+        if dist.rank > 0 and not same_world:    # another world size: a fresh stream per new rank
+            torch.manual_seed(_rank_seed(t.seed, start, dist.rank))
+    if resume and dist.main:        # drop what a killed run logged after its last checkpoint
         _truncate_metrics(paths.metrics, start)
-    atomic_write_text(paths.config, dump_yaml(cfg))
+    if dist.main:
+        atomic_write_text(paths.config, dump_yaml(cfg))
 
     def save_checkpoint(step: int) -> None:
+        per_rank = dist.gather({"rng": _rng_state(), "extra": task.extra_state()})
+        if not dist.main:
+            return
         atomic_save({
             "format": CHECKPOINT_FORMAT, "family": family, "step": step, "config": to_dict(cfg),
             "modules": {n: m.state_dict() for n, m in task.modules.items()},
             "ema": {n: e.state_dict() for n, e in emas.items()},
             "optimizers": {n: o.state_dict() for n, o in task.optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in scheds.items()},
-            "rng": _rng_state(), "extra": task.extra_state(),
+            "rng": per_rank[0]["rng"], "extra": per_rank[0]["extra"],
+            "ranks": per_rank if dist.active else [],
         }, paths.checkpoint)
 
     def generators() -> dict[str, torch.nn.Module]:
@@ -186,16 +232,16 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
         if tb is not None:
             tb.add_scalar("kid", value, step)
 
-    tb = _tensorboard(paths.root)
+    tb = _tensorboard(paths.root) if dist.main else None
     sums: dict[str, torch.Tensor] = {}
     n_acc, last_logged = 0, {}
     t_log = t0 = time.perf_counter()
     last_good = start if paths.checkpoint.is_file() else None
-    bar = tqdm(total=t.steps, initial=start, unit="step", desc=f"{family}", disable=not progress,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=t.steps, initial=start, unit="step", desc=f"{family}",
+               disable=not progress or not dist.main, dynamic_ncols=True, mininterval=1.0)
     step = start
     try:
-        with paths.metrics.open("a") as log:
+        with (paths.metrics.open("a") if dist.main else open(os.devnull, "w")) as log:
             while step < t.steps:
                 out: dict[str, torch.Tensor] = {}
                 for phase in task.phases:        # e.g. ("d",) * n_dis + ("g",), or ("g", "d")
@@ -212,7 +258,7 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
                 n_acc += 1
 
                 if step % t.log_every == 0 or step == t.steps:
-                    row = {k: v.item() / n_acc for k, v in sums.items()}
+                    row = dict(zip(sums, (dist.mean(torch.stack(list(sums.values())).float()) / n_acc).tolist()))
                     _check_finite(row, step, last_good, paths)
                     now = time.perf_counter()
                     row = {"step": step, **row,
@@ -228,13 +274,14 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
                     bar.set_postfix({k: f"{v:.3g}" for k, v in row.items()
                                      if k.startswith(("loss", "gp"))}, refresh=False)
                     sums, n_acc, t_log, last_logged = {}, 0, now, row
-                if step % t.sample_every == 0 or step == t.steps:
+                if dist.main and (step % t.sample_every == 0 or step == t.steps):
                     save_samples(step)
-                if t.kid_every and (step % t.kid_every == 0 or step == t.steps):
+                if dist.main and t.kid_every and (step % t.kid_every == 0 or step == t.steps):
                     log_kid(step, log)
                 if step % t.checkpoint_every == 0 or step == t.steps:
                     if sums:                     # losses since the last log: check before saving
-                        _check_finite({k: v.item() for k, v in sums.items()}, step, last_good, paths)
+                        _check_finite(dict(zip(sums, dist.mean(torch.stack(list(sums.values())).float()).tolist())),
+                                      step, last_good, paths)
                     if not _all_finite(task.modules):
                         raise NonFiniteLossError(_nan_message("a weight", step, last_good, paths))
                     save_checkpoint(step)
@@ -244,13 +291,14 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
         bar.close()
         if tb is not None:
             tb.close()
-        if paths.metrics.is_file():
+        if dist.main and paths.metrics.is_file():
             try:
                 plot_curves(paths.metrics, paths.root / "loss.png")
             except Exception:  # a plot must never hide the real outcome of a run
                 pass
+    dist.barrier()                  # every rank returns once the final checkpoint exists
     return {"step": step, "seconds": time.perf_counter() - t0, "last": last_logged,
-            "device": rt.describe()}
+            "device": rt.describe() + (f" x {dist.world} processes" if dist.active else "")}
 
 
 def load_run_checkpoint(run: str | Path, families: list[str], tool: str) -> tuple[dict[str, Any], Path]:

@@ -80,7 +80,7 @@ class GANTask:
         self.loss = AdversarialLoss(cfg.loss.type, cfg.loss.label_smoothing)
         self.gp_weight = cfg.loss.gp_weight
         self.policy = parse_policy(t.diffaugment)
-        self.sampler = BatchSampler(len(data), t.batch_size, t.seed)
+        self.sampler = BatchSampler(len(data), t.batch_size, t.seed, rt.rank, rt.world)
         self.aug_gen = torch.Generator().manual_seed(t.seed + 1)
         self.labels = torch.from_numpy(np.asarray(data.labels))
         g = torch.Generator().manual_seed(t.seed + 2)
@@ -93,7 +93,7 @@ class GANTask:
     def _real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = self.sampler.next()
         x = torch.from_numpy(np.ascontiguousarray(self.data.images[idx.numpy()]))  # B x 3 x S x S uint8
-        x = flip_rot90(x, self.aug_gen, self.cfg.data.augment)
+        x = flip_rot90(x, self.aug_gen, self.cfg.data.augment, self.rt.shard)
         x = to_unit_range(self.rt.batch(x))
         y = self.labels[idx].to(self.rt.device) if self.num_classes else None
         return x, y
@@ -130,7 +130,7 @@ class GANTask:
 
     def g_step(self) -> dict[str, torch.Tensor]:
         y = self._last_y
-        n = self.cfg.train.batch_size
+        n = self.cfg.train.batch_size // self.rt.world
         self.D.requires_grad_(False)
         with self.rt.autocast():
             fake = self.G(self._noise(n), y)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,13 +22,15 @@ if __package__ in (None, ""):  # `python gans/train_gan.py` without an install
 
 from gans.config import GANConfig  # noqa: E402
 from gans.cyclegan import CycleGANConfig  # noqa: E402
-from gans.loop import NonFiniteLossError, RunDirError, prepare_run_dir, run_training  # noqa: E402
+from gans.loop import NonFiniteLossError, RunDirError, RunPaths, prepare_run_dir, run_training  # noqa: E402
 from histosynth import config as configlib  # noqa: E402
 from histosynth.cli import register_user_error, run_cli  # noqa: E402
 from histosynth.checkpoint import atomic_write_text, sha256_file  # noqa: E402
 from histosynth.data import TileCache, default_cache_dir  # noqa: E402
+from histosynth.distributed import setup as setup_distributed  # noqa: E402
 from histosynth.images import native_size  # noqa: E402
 from histosynth.paths import resolve_data_path  # noqa: E402
+from histosynth.runtime import resolve_device  # noqa: E402
 
 register_user_error(RunDirError, NonFiniteLossError)
 
@@ -77,34 +80,54 @@ def load_config(path, overrides: list[str], base: dict | None = None):
 
 def train_gan(cfg: GANConfig | CycleGANConfig, out: str | Path, resume: bool = False,
               overwrite: bool = False, progress: bool = True) -> dict:
-    """Train ``cfg`` into run directory ``out``; returns the loop's summary."""
-    paths = prepare_run_dir(out, resume, overwrite)
-    if not resume:      # first thing in the folder: a kill from here on can be continued with --resume
-        atomic_write_text(paths.config, configlib.dump_yaml(cfg))
+    """Train ``cfg`` into run directory ``out``; returns the loop's summary.
+
+    Under ``torchrun`` every process calls this; rank 0 claims the folder, decodes the data
+    first (the others then read its cache) and writes the files."""
+    dist = setup_distributed(resolve_device(cfg.train.device).type)
+    if dist.main:
+        paths = prepare_run_dir(out, resume, overwrite)
+        if not resume:  # first thing in the folder: a kill from here on can be continued with --resume
+            atomic_write_text(paths.config, configlib.dump_yaml(cfg))
+    dist.barrier()
+    if not dist.main:
+        paths = RunPaths(Path(out))
+    progress = progress and dist.main
     if isinstance(cfg, CycleGANConfig):
         from gans.cyclegan import CycleGANTask
         from gans.cyclegan_eval import evaluate_run
 
-        data_a, data_b = load_domains(cfg, progress)
-        _write_data_json(paths, {"root_a": str(resolve_data_path(cfg.data.root_a)), "count_a": len(data_a),
-                                 "skipped_a": data_a.skipped,
-                                 "root_b": str(resolve_data_path(cfg.data.root_b)), "count_b": len(data_b),
-                                 "skipped_b": data_b.skipped})
+        data_a, data_b = _rank0_first(dist, lambda: load_domains(cfg, progress))
+        if dist.main:
+            _write_data_json(paths, {"root_a": str(resolve_data_path(cfg.data.root_a)), "count_a": len(data_a),
+                                     "skipped_a": data_a.skipped,
+                                     "root_b": str(resolve_data_path(cfg.data.root_b)), "count_b": len(data_b),
+                                     "skipped_b": data_b.skipped})
         summary = run_training(cfg, lambda c, rt: CycleGANTask(c, data_a, data_b, rt), paths,
                                "cyclegan", resume=resume, progress=progress)
-        summary["eval"] = evaluate_run(paths.root, progress=progress)
+        if dist.main:
+            summary["eval"] = evaluate_run(paths.root, progress=progress)
         return summary
     from gans.losses import GANTask
 
-    data = load_data(cfg, progress)
+    data = _rank0_first(dist, lambda: load_data(cfg, progress))
     root = resolve_data_path(cfg.data.root)
     # sha256 of every training file: gan-generate copies them into the synthetic set's
     # source.json, so augment-compare can prove no validation/test image trained the generator
-    _write_data_json(paths, {"root": str(root.resolve()), "classes": data.classes,
-                             "counts": data.class_counts(), "skipped": data.skipped,
-                             "files_sha256": {f: sha256_file(root / f) for f in data.files}})
+    if dist.main:
+        _write_data_json(paths, {"root": str(root.resolve()), "classes": data.classes,
+                                 "counts": data.class_counts(), "skipped": data.skipped,
+                                 "files_sha256": {f: sha256_file(root / f) for f in data.files}})
     return run_training(cfg, lambda c, rt: GANTask(c, data, rt), paths, cfg.model.family,
                         resume=resume, progress=progress)
+
+
+def _rank0_first(dist, build):
+    """Rank 0 decodes (and fills the disk cache) before the other ranks read it."""
+    if dist.main:
+        out = build()
+    dist.barrier()
+    return out if dist.main else build()
 
 
 def _write_data_json(paths, info: dict) -> None:
@@ -143,6 +166,8 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     summary = train_gan(cfg, out, resume=bool(args.resume), overwrite=args.overwrite,
                         progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")):         # torchrun: rank 0 reports
+        return 0
     last = ", ".join(f"{k} {v:.4g}" for k, v in summary["last"].items() if k in ("loss_d", "loss_g"))
     print(f"train-gan: finished step {summary['step']} in {summary['seconds']:.0f} s on "
           f"{summary['device']} ({last}); run directory: {out}")

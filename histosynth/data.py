@@ -138,12 +138,19 @@ def _cache_key(root: Path, items, image_size, stain_norm, stain_reference) -> st
 
 
 class BatchSampler:
-    """Endless batches of indices from seeded epoch permutations; resumable via state_dict."""
+    """Endless batches of indices from seeded epoch permutations; resumable via state_dict.
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    Data-parallel: every process draws the same global batch of ``batch_size`` and keeps its
+    share (``[rank::world]``), so the stream of samples, and this state, do not depend on the
+    number of processes (a run resumes on another world size where it stopped).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         if n <= 0:
             raise ValueError("cannot sample from an empty set")
-        self.n, self.batch_size = n, batch_size
+        if batch_size % world:
+            raise ValueError(f"a batch of {batch_size} cannot be shared out over {world} processes")
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
         self.gen = torch.Generator().manual_seed(seed)
         self.perm = torch.randperm(n, generator=self.gen)
         self.pos = 0
@@ -158,7 +165,7 @@ class BatchSampler:
             take = min(need, self.n - self.pos)
             out.append(self.perm[self.pos:self.pos + take])
             self.pos, need = self.pos + take, need - take
-        return torch.cat(out)
+        return torch.cat(out)[self.rank::self.world]
 
     def state_dict(self) -> dict:
         return {"gen": self.gen.get_state(), "perm": self.perm.clone(), "pos": self.pos,
@@ -169,17 +176,20 @@ class BatchSampler:
         self.perm, self.pos, self.epoch = state["perm"].clone(), int(state["pos"]), int(state["epoch"])
 
 
-def flip_rot90(x: torch.Tensor, gen: torch.Generator, mode: str) -> torch.Tensor:
+def flip_rot90(x: torch.Tensor, gen: torch.Generator, mode: str, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Random dihedral augmentation of a ``B x C x H x W`` batch (histology has no 'up').
 
     ``mode``: ``none`` | ``flip`` (horizontal and vertical flips) | ``flip_rot90`` (all 8
     symmetries of the square). Decisions are drawn from ``gen`` on the CPU, so they are
-    reproducible and independent of the device ``x`` lives on.
+    reproducible and independent of the device ``x`` lives on. ``shard`` (rank, world): ``x`` is
+    this process's share of a global batch; the decisions are drawn for the global batch and
+    sliced the same way, so they do not depend on the number of processes.
     """
     if mode == "none":
         return x
     b = x.shape[0]
-    r = torch.rand(b, 3, generator=gen)
+    rank, world = shard
+    r = torch.rand(b * world, 3, generator=gen)[rank::world]
     hflip = (r[:, 0] < 0.5).to(x.device).view(b, 1, 1, 1)
     vflip = (r[:, 1] < 0.5).to(x.device).view(b, 1, 1, 1)
     x = torch.where(hflip, x.flip(3), x)
@@ -190,13 +200,16 @@ def flip_rot90(x: torch.Tensor, gen: torch.Generator, mode: str) -> torch.Tensor
     return x
 
 
-def random_crop(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    """An independent random ``size`` x ``size`` crop of each image of a ``B x C x H x W`` batch."""
+def random_crop(x: torch.Tensor, size: int, gen: torch.Generator,
+                shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """An independent random ``size`` x ``size`` crop of each image of a ``B x C x H x W`` batch
+    (``shard`` as in :func:`flip_rot90`)."""
     b, _, h, w = x.shape
     if (h, w) == (size, size):
         return x
-    ys = torch.randint(0, h - size + 1, (b,), generator=gen).tolist()
-    xs = torch.randint(0, w - size + 1, (b,), generator=gen).tolist()
+    rank, world = shard
+    ys = torch.randint(0, h - size + 1, (b * world,), generator=gen)[rank::world].tolist()
+    xs = torch.randint(0, w - size + 1, (b * world,), generator=gen)[rank::world].tolist()
     return torch.stack([x[i, :, y:y + size, xx:xx + size] for i, (y, xx) in enumerate(zip(ys, xs))])
 
 

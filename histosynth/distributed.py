@@ -40,6 +40,39 @@ class Dist:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank (as DistributedDataParallel does when built)."""
+        if self.active:
+            with torch.no_grad():
+                for t in list(module.parameters()) + list(module.buffers()):
+                    torch.distributed.broadcast(t.data, src=0)
+
+    def average_gradients(self, params) -> None:
+        """Average the ``.grad`` of ``params`` over ranks in one all-reduce.
+
+        The GAN loop uses this instead of DistributedDataParallel: a GAN step runs D several
+        times before one backward and WGAN-GP differentiates through a gradient
+        (``create_graph=True``), which DDP does not support; stylegan3 averages its gradients
+        the same way."""
+        if not self.active:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(f.view(g.shape))
+
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         if self.active:
             x = x.clone()

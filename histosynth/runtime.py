@@ -43,6 +43,12 @@ class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None      # None: full fp32
     channels_last: bool
+    rank: int = 0                      # data-parallel: this process, of ``world`` (torchrun)
+    world: int = 1
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.rank, self.world
 
     @classmethod
     def from_choices(cls, device: str = "auto", amp: str = "auto", channels_last: str = "auto",
