@@ -213,6 +213,17 @@ def load_synthetic(cfg: CompareConfig, out: Path, splits, caches, evals: dict[st
     return sources
 
 
+def reopen_inputs(cfg: CompareConfig, split_roots: dict[str, str], source_roots: dict[str, str]):
+    """The tile caches of the splits and synthetic sources, reopened from the disk cache the
+    parent process wrote (a cell worker's view; the parent already checked them)."""
+    size, cache_dir = cfg.classifier.model.image_size, _cache_dir(cfg)
+    caches = {s: TileCache.build(root, size, cache_dir=cache_dir, progress=False)
+              for s, root in split_roots.items()}
+    sources = {k: (TileCache.build(root, size, cache_dir=cache_dir, progress=False), {"root": root})
+               for k, root in source_roots.items()}
+    return caches, sources
+
+
 def run_cell(cfg: CompareConfig, arm, arm_index: int, seed: int, caches, sources, out: Path,
              progress: bool) -> dict:
     train, val, test = caches["train"], caches["val"], caches["test"]
@@ -251,8 +262,9 @@ def run_cell(cfg: CompareConfig, arm, arm_index: int, seed: int, caches, sources
 
 
 def run_compare(cfg: CompareConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
-                report_only: bool = False) -> dict:
-    """Run (or continue) the whole comparison into ``out``; returns the summary."""
+                report_only: bool = False, workers: int = 1) -> dict:
+    """Run (or continue) the whole comparison into ``out``; returns the summary. ``workers`` > 1
+    trains that many cells at once, one process each (one per GPU: :mod:`experiments.parallel`)."""
     out = Path(out)
     if report_only:
         if not (out / "config.yaml").is_file():
@@ -272,10 +284,22 @@ def run_compare(cfg: CompareConfig, out: str | Path, overwrite: bool = False, pr
         todo = [(s, i, a) for s in cfg.seeds for i, a in enumerate(cfg.arms) if (a.name, s) not in done]
         bar = tqdm(total=len(cfg.seeds) * len(cfg.arms), initial=len(cfg.seeds) * len(cfg.arms) - len(todo),
                    desc="cells", unit="cell", disable=not progress)
-        for seed, i, arm in todo:
-            bar.set_postfix_str(f"{arm.name} seed {seed}")
-            rows = append_result(results, run_cell(cfg, arm, i, seed, caches, sources, out, progress))
-            bar.update(1)
+        if workers > 1 and len(todo) > 1:
+            from experiments.parallel import run_cells_parallel
+
+            def on_row(row: dict) -> None:
+                nonlocal rows
+                rows = append_result(results, row)
+                bar.set_postfix_str(f"{row['arm']} seed {row['seed']} done")
+                bar.update(1)
+            job = {"cfg": cfg, "out": str(out), "split_roots": {s: str(splits.roots[s]) for s in SPLITS},
+                   "source_roots": {k: v[1]["root"] for k, v in sources.items()}}
+            run_cells_parallel(job, [(seed, i) for seed, i, _ in todo], workers, on_row)
+        else:
+            for seed, i, arm in todo:
+                bar.set_postfix_str(f"{arm.name} seed {seed}")
+                rows = append_result(results, run_cell(cfg, arm, i, seed, caches, sources, out, progress))
+                bar.update(1)
         bar.close()
     wanted = {a.name for a in cfg.arms}
     seeds = set(cfg.seeds)
@@ -318,6 +342,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override a config key, e.g. --set seeds=[0,1,2,3,4] (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
     p.add_argument("--report-only", action="store_true", help="redraw the report from results.csv")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="train N cells at once, one process each (default: one per visible GPU, "
+                        "1 on a CPU); the results do not depend on it")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -333,7 +360,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(configlib.dump_yaml(cfg), end="")
         return 0
-    summary = run_compare(cfg, args.out, args.overwrite, not args.no_progress, args.report_only)
+    if args.workers is not None and args.workers < 1:
+        raise configlib.ConfigError("", f"--workers must be 1 or more, got {args.workers}")
+    from experiments.parallel import default_workers
+    workers = args.workers or default_workers()
+    summary = run_compare(cfg, args.out, args.overwrite, not args.no_progress, args.report_only, workers)
     print(summary["verdict"])
     print(f"augment-compare: report in {Path(args.out) / 'report.html'}")
     return 0

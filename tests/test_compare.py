@@ -286,3 +286,27 @@ def test_the_demo_config_runs_on_an_unseen_dataset_through_set_only(crc_mini, tm
     assert s["classes"] == sorted(d.name for d in (data / "train").iterdir())
     assert set(s["arms"]) == {"real_only", "classic_aug", "balanced_sampler", "gan_minority_x1",
                               "gan_balanced", "shuffled_control"}
+
+
+def test_cells_spread_over_two_worker_processes_give_the_serial_results(crc_mini, tmp_path):
+    """--workers 2 (one process per GPU on a GPU machine; here two CPU processes): every cell
+    once, results.csv written by the parent only, and each cell's numbers equal a serial run's."""
+    cfg = _write_cfg(tmp_path / "c.yaml", crc_mini, "[{name: real_only, augment: none}, {name: flips, augment: flip}]",
+                     "[0, 1]", 2)
+    serial, par = tmp_path / "serial", tmp_path / "par"
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))   # as each of the 2 workers: the
+    try:                                                         # sums then add up in the same order
+        assert compare_main(["--cfg", str(cfg), "--out", str(serial), "--no-progress", "--workers", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert compare_main(["--cfg", str(cfg), "--out", str(par), "--no-progress", "--workers", "2"]) == 0
+    key = ("epochs_run", "best_epoch", "val_balanced_accuracy", "balanced_accuracy", "macro_f1", "auc")
+    a = {(r["arm"], r["seed"]): [r[k] for k in key] for r in csv.DictReader(open(serial / "results.csv"))}
+    b = {(r["arm"], r["seed"]): [r[k] for k in key] for r in csv.DictReader(open(par / "results.csv"))}
+    assert len(b) == 4 and len(list(csv.DictReader(open(par / "results.csv")))) == 4
+    for cell in a:
+        assert a[cell] == b[cell], cell
+    assert (par / "report.html").is_file()
+    assert compare_main(["--cfg", str(cfg), "--out", str(par), "--no-progress", "--workers", "0"]) == 2
