@@ -9,6 +9,10 @@ samples than feature dimensions): :func:`distribution_metrics` warns and points 
 unbiased. Intervals come from repeated subsampling of 80 % of each set without replacement
 (resampling *with* replacement would put duplicate points into the nearest-neighbour metrics and
 give zero radii); they show sampling variability, not a strict 95 % CI of the full-set value.
+
+Precision/recall/density/coverage need the full pairwise distance matrices of both sets (O(N^2)
+memory: 80 GB at 100k tiles), so beyond ``prdc_max`` samples per set they are computed on a seeded
+subsample of that size (as StudioGAN and the Naeem paper use 10k); FID and KID use every sample.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import piq
 import torch
 
 FID_MIN_SAMPLES = 2048
+PRDC_MAX_SAMPLES = 10_000
 
 
 class SmallSampleWarning(UserWarning):
@@ -54,16 +59,25 @@ def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict[str, float]
     return {name: float(v) for name, v in out.items()}
 
 
-def _point(real: torch.Tensor, fake: torch.Tensor, k: int, seed: int) -> dict[str, float]:
-    return {"fid": fid(real, fake), "kid": kid(real, fake, seed), **prdc(real, fake, k)}
+def _cap(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    if x.shape[0] <= n:
+        return x
+    g = torch.Generator().manual_seed(seed)
+    return x[torch.randperm(x.shape[0], generator=g)[:n]]
+
+
+def _point(real: torch.Tensor, fake: torch.Tensor, k: int, seed: int, prdc_max: int) -> dict[str, float]:
+    return {"fid": fid(real, fake), "kid": kid(real, fake, seed),
+            **prdc(_cap(real, prdc_max, seed), _cap(fake, prdc_max, seed + 1), k)}
 
 
 def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, k: int = 5, n_boot: int = 10,
-                         seed: int = 0) -> dict[str, dict[str, float]]:
+                         seed: int = 0, prdc_max: int = PRDC_MAX_SAMPLES) -> dict[str, dict[str, float]]:
     """FID, KID, precision, recall, density, coverage of two ``N x D`` feature sets.
 
-    Each metric: ``{"value", "ci_low", "ci_high", "n_real", "n_fake"}``; the interval is the
-    2.5-97.5 % range over ``n_boot`` subsamples of 80 % of both sets (0: no interval).
+    Each metric: ``{"value", "ci_low", "ci_high", "n_real", "n_fake"}`` (the precision/recall
+    family also ``n_used``: at most ``prdc_max`` per set); the interval is the 2.5-97.5 % range
+    over ``n_boot`` subsamples of 80 % of both sets (0: no interval).
     """
     real, fake = real.detach().double().cpu(), fake.detach().double().cpu()
     n_min, dim = min(real.shape[0], fake.shape[0]), real.shape[1]
@@ -74,17 +88,19 @@ def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, k: int = 5, n_b
                       f"{' and its covariance is singular' if n_min <= dim else ''}; compare sets "
                       "by KID (unbiased) and use FID only between sets of equal size",
                       SmallSampleWarning, stacklevel=2)
-    point = _point(real, fake, k, seed)
+    point = _point(real, fake, k, seed, prdc_max)
     rng = np.random.default_rng(seed)
     boots = []
     for b in range(n_boot):
         ri = torch.from_numpy(rng.permutation(real.shape[0])[: max(3, int(0.8 * real.shape[0]))])
         fi = torch.from_numpy(rng.permutation(fake.shape[0])[: max(3, int(0.8 * fake.shape[0]))])
-        boots.append(_point(real[ri], fake[fi], k, seed + b + 1))
+        boots.append(_point(real[ri], fake[fi], k, seed + b + 1, prdc_max))
     out = {}
     for name, value in point.items():
         vals = np.array([b[name] for b in boots]) if boots else np.array([value])
         lo, hi = np.quantile(vals, [0.025, 0.975])
         out[name] = {"value": value, "ci_low": float(lo), "ci_high": float(hi),
                      "n_real": int(real.shape[0]), "n_fake": int(fake.shape[0])}
+        if name not in ("fid", "kid"):
+            out[name]["n_used"] = [min(real.shape[0], prdc_max), min(fake.shape[0], prdc_max)]
     return out

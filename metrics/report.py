@@ -43,7 +43,7 @@ from histosynth.runtime import resolve_device
 from histosynth.stain import STAIN_CHANNELS, stain_od
 from histosynth.stats import mean_ci
 from histosynth.viz import markdown_to_html, save_grid
-from metrics.distribution import distribution_metrics
+from metrics.distribution import PRDC_MAX_SAMPLES, distribution_metrics
 from metrics.features import EfficientNetExtractor, Extractor, InceptionExtractor, PixelExtractor
 from metrics.full_reference import FULL_REFERENCE, paired_folder_scores
 from metrics.memorisation import memorisation
@@ -143,7 +143,7 @@ def _stain(cache: TileCache, progress: bool = False) -> dict:
 def build_report(real: str, fake: str, out: str, train: str | None = None, paired: bool = False,
                  extractor: str = "auto", weights: str | None = None, size: int = 128,
                  filter_dir: str | None = None, overwrite: bool = False, progress: bool = True,
-                 n_boot: int = 10) -> dict:
+                 n_boot: int = 10, prdc_max: int = PRDC_MAX_SAMPLES) -> dict:
     out_p = claim_output_dir(out, overwrite)
     if filter_dir and not train:
         raise ReportError("--filter needs --train (the near-copies are found against the training set)")
@@ -156,12 +156,12 @@ def build_report(real: str, fake: str, out: str, train: str | None = None, paire
     R, F = load_set(real, size, progress), load_set(fake, size, progress)
     fr, ff = features(R, ext, progress), features(F, ext, progress)
     result: dict = {"real": str(real), "fake": str(fake), "extractor": ext.describe(),
-                    "tile_size": size, "counts": {"real": len(R), "fake": len(F)}}
+                    "tile_size": size, "counts": {"real": len(R), "fake": len(F)}, "prdc_max": prdc_max}
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        result["overall"] = distribution_metrics(fr, ff, n_boot=n_boot)
+        result["overall"] = distribution_metrics(fr, ff, n_boot=n_boot, prdc_max=prdc_max)
         result["per_class"] = {c: distribution_metrics(fr[torch.from_numpy(mr)], ff[torch.from_numpy(mf)],
-                                                       n_boot=n_boot)
+                                                       n_boot=n_boot, prdc_max=prdc_max)
                                for c, mr, mf in _by_class(R, F) if mr.sum() >= 3 and mf.sum() >= 3}
         caught += sorted({str(x.message) for x in w if not issubclass(x.category, DeprecationWarning)})
     result["stain"] = {"real": _stain(R, progress), "fake": _stain(F, progress)}
@@ -314,7 +314,10 @@ def render_markdown(r: dict, figs: dict[str, str]) -> str:
         L += ["**Warnings**", ""] + [f"- {w}" for w in r["warnings"]] + [""]
     L += ["## Distribution metrics", "",
           "Lower is better for FID and KID; higher for precision (fidelity), recall (diversity), "
-          "density and coverage. [2.5-97.5 % over 80 % subsamples]", "",
+          "density and coverage. [2.5-97.5 % over 80 % subsamples]"
+          + (f" Precision, recall, density and coverage use a seeded subsample of at most "
+             f"{r['prdc_max']} tiles per set (they need all pairwise distances); FID and KID use every tile."
+             if max(r["counts"].values()) > r.get("prdc_max", 1 << 62) else ""), "",
           "| set | n real | n synth | " + " | ".join(DIST_KEYS) + " |", "|---" * (len(DIST_KEYS) + 3) + "|"]
     for name, g in {"overall": r["overall"], **r["per_class"]}.items():
         L.append(f"| {name} | {g['fid']['n_real']} | {g['fid']['n_fake']} | "
@@ -371,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", help="local weights file of the extractor (nothing is downloaded)")
     p.add_argument("--size", type=int, default=128, help="tiles are compared at this size (px)")
     p.add_argument("--boot", type=int, default=10, help="subsamples for the distribution intervals")
+    p.add_argument("--prdc-max", type=int, default=PRDC_MAX_SAMPLES, metavar="N",
+                   help="precision/recall/density/coverage on at most N tiles per set (their memory "
+                        "grows as N^2; default %(default)s)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -378,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
         build_report(args.real, args.fake, args.out, args.train, args.paired, args.extractor,
                      args.weights, args.size, args.filter, args.overwrite, not args.no_progress,
-                     args.boot)
+                     args.boot, args.prdc_max)
         print(f"piq-report: wrote {Path(args.out) / 'report.html'}, report.md and metrics.json")
         return 0
 

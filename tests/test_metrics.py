@@ -96,6 +96,25 @@ def test_identical_sets_score_perfectly_and_inverted_clearly_worse(crc_features)
     assert inv["fid"]["ci_low"] <= inv["fid"]["ci_high"]
 
 
+def test_precision_recall_beyond_the_cap_use_a_seeded_subsample(crc_features, monkeypatch):
+    """PRDC's pairwise matrices grow as N^2: above prdc_max it sees a subsample; FID/KID see all."""
+    import metrics.distribution as dm
+    real, inverted = crc_features
+    seen = []
+    real_prdc = dm.prdc
+    monkeypatch.setattr(dm, "prdc", lambda r, f, k=5: seen.append((len(r), len(f))) or real_prdc(r, f, k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SmallSampleWarning)
+        capped = distribution_metrics(real, inverted, k=3, n_boot=2, prdc_max=20)
+        again = distribution_metrics(real, inverted, k=3, n_boot=2, prdc_max=20)
+        full = distribution_metrics(real, inverted, k=3, n_boot=0)
+    assert seen[:3] == [(20, 20)] * 3 and seen[-1] == (len(real), len(inverted))
+    assert capped["precision"]["n_used"] == [20, 20] and capped["fid"]["n_real"] == len(real)
+    assert capped["fid"]["value"] == full["fid"]["value"]          # FID: every sample
+    assert capped == again                                         # seeded
+    assert capped["coverage"]["value"] < 0.5
+
+
 def test_extractors_never_touch_the_network(monkeypatch, tmp_path):
     def no_network(*a, **k):
         raise AssertionError("network access attempted")
