@@ -4,7 +4,8 @@ OUT/
   images/<class>/       good real tiles plus, in the first class, every kind of bad or odd file:
                         corrupt.jpg, truncated.png, zero.png, not_an_image.png (text), bomb.png
                         (beyond Pillow's decompression-bomb limit), and readable oddities that must
-                        be converted, not skipped: gray16.tif (16-bit), rgba.png, palette.png, gray.png
+                        be converted, not skipped: gray16.tif (16-bit), rgb48.tif (16 bits per
+                        RGB channel, as microscope cameras export), rgba.png, palette.png, gray.png
   flat/                 the same files without class folders (gan-translate input)
   empty_class/<c>/      class folders, one of them empty
   split/{train,val,test}/<class>/   a train/val/test tree with bad files in train
@@ -22,8 +23,27 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ODD_READABLE = ("gray16.tif", "rgba.png", "palette.png", "gray.png")
+ODD_READABLE = ("gray16.tif", "rgb48.tif", "rgba.png", "palette.png", "gray.png")
 UNREADABLE = ("corrupt.jpg", "truncated.png", "zero.png", "not_an_image.png", "bomb.png")
+
+
+def write_rgb48_tiff(path: Path, rgb16: np.ndarray) -> None:
+    """An uncompressed baseline TIFF with 16 bits per RGB channel (Pillow cannot write one)."""
+    import struct
+    h, w, _ = rgb16.shape
+    pixels = rgb16.astype("<u2").tobytes()
+    n_tags = 10
+    ifd_at = 8
+    bps_at = ifd_at + 2 + n_tags * 12 + 4          # BitsPerSample's three values follow the IFD
+    data_at = bps_at + 6
+    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, bps_at), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, 1, data_at), (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(pixels)), (284, 3, 1, 1)]
+    out = b"II*\x00" + struct.pack("<I", ifd_at) + struct.pack("<H", n_tags)
+    for tag, typ, count, value in tags:
+        packed = struct.pack("<HH", value, 0) if typ == 3 and count == 1 else struct.pack("<I", value)
+        out += struct.pack("<HHI", tag, typ, count) + packed
+    out += struct.pack("<I", 0) + struct.pack("<HHH", 16, 16, 16) + pixels
+    path.write_bytes(out)
 
 
 def _bad_files(dst: Path, src_tile: Path) -> None:
@@ -39,6 +59,7 @@ def _bad_files(dst: Path, src_tile: Path) -> None:
     Image.new("1", (20000, 20000)).save(dst / "bomb.png")          # 400 M pixels, a few kB
     gray = rgb.mean(2)
     Image.fromarray((gray * 257).astype(np.uint16)).save(dst / "gray16.tif")
+    write_rgb48_tiff(dst / "rgb48.tif", rgb.astype(np.uint16) * 257)
     Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)]), "RGBA").save(dst / "rgba.png")
     Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(dst / "palette.png")
     Image.fromarray(gray.astype(np.uint8), "L").save(dst / "gray.png")

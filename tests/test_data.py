@@ -45,6 +45,15 @@ def test_16bit_maps_linearly_to_8bit(tmp_path, crc_mini, ext):
     assert (out[..., 1] == grey).all()
 
 
+def test_48bit_rgb_tiff_maps_each_channel_to_8bit(tmp_path, crc_mini):
+    """16 bits per RGB channel (microscope camera exports): every channel of a real tile comes back."""
+    from bad_inputs import write_rgb48_tiff
+    rgb = np.asarray(Image.open(_real_tile(crc_mini)).convert("RGB"))
+    rng = np.random.default_rng(0)                                # low bytes must not matter
+    write_rgb48_tiff(tmp_path / "h.tif", rgb.astype(np.uint16) * 256 + rng.integers(0, 256, rgb.shape, dtype=np.uint16))
+    assert (read_rgb8(tmp_path / "h.tif") == rgb).all()
+
+
 def test_palette_image_reads_as_rgb(tmp_path, crc_mini):
     Image.open(_real_tile(crc_mini)).convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "p.png")
     assert read_rgb8(tmp_path / "p.png").shape[-1] == 3
