@@ -119,6 +119,11 @@ class TrainConfig:
     native bf16 (AMX / AVX-512 BF16: SNGAN-32 steps ~4x faster with channels_last), else fp32."""
     channels_last: Literal["auto", "on", "off"] = "auto"
     """NHWC memory layout; ``auto``: on for CUDA and wherever ``amp`` resolves to bf16."""
+    compile: Literal["off", "on"] = "off"
+    """``on``: torch.compile the networks' forward passes in the training steps (checkpoints,
+    EMA and sampling use the plain modules). Spectral-norm discriminators stay eager (their
+    in-place power iteration trips the compiled backward). CPU SNGAN-32: 1.12x per iteration after
+    a ~16 s first step; needs a C++ compiler on CPU."""
     samples_per_class: int = 8
     """Columns of the sample grid (one row per class, fixed noise)."""
     kid_every: int = 0

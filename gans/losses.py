@@ -16,7 +16,7 @@ from gans.config import GANConfig
 from gans.diffaugment import diff_augment, parse_policy
 from gans.registry import create_model
 from histosynth.data import BatchSampler, TileCache, flip_rot90, to_uint8, to_unit_range
-from histosynth.runtime import Runtime, eval_mode
+from histosynth.runtime import Runtime, compiled, eval_mode
 
 
 class AdversarialLoss:
@@ -70,6 +70,8 @@ class GANTask:
         self.G, self.D = rt.prepare(G), rt.prepare(D)
         fused = {"fused": True} if rt.device.type == "cuda" else {}
         self.modules = {"G": self.G, "D": self.D}
+        # the steps call these: the modules, or torch.compile's wrappers (train.compile: on)
+        self.run_G, self.run_D = compiled(self.G, t.compile), compiled(self.D, t.compile)
         self.optimizers = {
             "G": torch.optim.Adam(self.G.parameters(), lr=t.lr_g, betas=t.betas, **fused),
             "D": torch.optim.Adam(self.D.parameters(), lr=t.lr_d, betas=t.betas, **fused),
@@ -110,10 +112,10 @@ class GANTask:
         self._last_y = y
         self.D.requires_grad_(True)
         with torch.no_grad(), self.rt.autocast():
-            fake = self.G(self._noise(real.shape[0]), y)
+            fake = self.run_G(self._noise(real.shape[0]), y)
         with self.rt.autocast():
-            real_logits = self.D(self._augment(real), y).float()
-            fake_logits = self.D(self._augment(fake), y).float()
+            real_logits = self.run_D(self._augment(real), y).float()
+            fake_logits = self.run_D(self._augment(fake), y).float()
             loss = self.loss.d(real_logits, fake_logits)
         total = loss
         out = {"loss_d": loss.detach(), "d_real": real_logits.mean().detach(),
@@ -133,8 +135,8 @@ class GANTask:
         n = self.cfg.train.batch_size // self.rt.world
         self.D.requires_grad_(False)
         with self.rt.autocast():
-            fake = self.G(self._noise(n), y)
-            loss = self.loss.g(self.D(self._augment(fake), y).float())
+            fake = self.run_G(self._noise(n), y)
+            loss = self.loss.g(self.run_D(self._augment(fake), y).float())
         opt = self.optimizers["G"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

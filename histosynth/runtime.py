@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -23,6 +25,22 @@ def eval_mode(*modules: torch.nn.Module):
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
+
+
+def compiled(module: torch.nn.Module, choice: str, key: str = "train.compile") -> Callable:
+    """What a training step calls to run ``module``: the module itself (``off``), or torch.compile's
+    wrapper, which shares its parameters and buffers (``on``); optimizers, EMA and checkpoints keep
+    using the plain module. A module with a parametrization (spectral norm) stays eager: its
+    in-place power-iteration update breaks the compiled backward when it runs twice before one
+    backward (real and fake batches; torch 2.15)."""
+    if choice == "off":
+        return module
+    from torch.nn.utils import parametrize
+    if any(parametrize.is_parametrized(m) for m in module.modules()):
+        warnings.warn(f"{key}: {type(module).__name__} uses spectral norm and stays eager; the "
+                      "other networks are compiled", stacklevel=2)
+        return module
+    return torch.compile(module)
 
 
 def cpu_has_fast_bf16() -> bool:
