@@ -13,7 +13,8 @@ torch version recorded):
                 identity 0.5, pool 50): batch 1 at 256 px and batch 4 at 128 px
 * ``effnet``    EfficientNet-B0 training steps (efficientnet-pytorch): batch 16 at 224, 64 at 64
 * ``data``      decoding a folder into the tile cache, tensor flips/rot90, albumentations 'classic'
-* ``generate``  gan-generate (PNG + sha256 per tile) at 1k and 10k tiles: time and memory growth
+* ``scale``     time and peak memory against the number of tiles (``--scale 1000 10000 100000``):
+                gan-generate (PNG + sha256 per tile), then piq-report of that set
 * ``metrics``   feature passes (pixels, EfficientNet-B0 at 64 px) and KID on 1k tiles
 
 Every training section is timed twice: the reference-equivalent path (fp32, NCHW, eager: what
@@ -29,6 +30,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,6 +50,9 @@ DEMO = ROOT / "data" / "lung_demo"
 QUOTED = {"sngan32_d_step": 2.43, "sngan32_g_step": 3.58, "sngan32_iteration": 15.7,
           "cyclegan_b1_256": 5.83, "cyclegan_b4_128": 6.18}
 PATHS = {"reference-equivalent (fp32, NCHW, eager)": ("off", "off"), "histosynth default": ("auto", "auto")}
+COMPILED = "histosynth default + train.compile on"
+# the reference-shaped sections also time the compiled steps (torch.compile of the step networks)
+PATHS_COMPILE = {**{k: (*v, "off") for k, v in PATHS.items()}, COMPILED: ("auto", "auto", "on")}
 
 
 def _sync(rt: Runtime):
@@ -112,11 +117,12 @@ def section_gans(iters: int) -> list[dict]:
 
 def section_sngan32(iters: int) -> list[dict]:
     rows = []
-    for path, (amp, cl) in PATHS.items():
+    for path, (amp, cl, comp) in PATHS_COMPILE.items():
         task, rt = _gan_task("sngan", 32, 64, amp, cl, 64, ["train.n_dis=5", "train.diffaugment=''",
-                                                            "loss.type=hinge"])
-        d = _median_time(task.d_step, iters, rt)
-        g = _median_time(task.g_step, iters, rt)
+                                                            "loss.type=hinge", f"train.compile={comp}"])
+        warm = 3 if comp == "on" else 1           # compiling: the first calls (grad on / off)
+        d = _median_time(task.d_step, iters, rt, warm)
+        g = _median_time(task.g_step, iters, rt, warm)
         params = {n: sum(p.numel() for p in m.parameters()) for n, m in task.modules.items()}
         fl = _flops(task.d_step) * 5 + _flops(task.g_step)
         it = 5 * d + g
@@ -135,13 +141,13 @@ def section_cyclegan(iters: int) -> list[dict]:
 
     rows = []
     for batch, size, quoted in ((1, 256, "cyclegan_b1_256"), (4, 128, "cyclegan_b4_128")):
-        for path, (amp, cl) in PATHS.items():
+        for path, (amp, cl, comp) in PATHS_COMPILE.items():
             cfg, _ = load_config("cyclegan_cpu", [f"train.batch_size={batch}", f"data.image_size={size}",
                                                   "data.load_size=256", "data.cache=memory", "model.ngf=64",
                                                   "model.ndf=64", "model.n_blocks=9", "model.d_layers=3",
                                                   "loss.type=lsgan", "loss.lambda_identity=0.5",
                                                   "loss.pool_size=50", f"train.amp={amp}",
-                                                  f"train.channels_last={cl}"])
+                                                  f"train.channels_last={cl}", f"train.compile={comp}"])
             rt = Runtime.from_choices(cfg.train.device, cfg.train.amp, cfg.train.channels_last, cpu_fast_path=True)
             torch.manual_seed(0)
             task = CycleGANTask(cfg, *load_domains(cfg, progress=False), rt)
@@ -149,8 +155,8 @@ def section_cyclegan(iters: int) -> list[dict]:
             def it():
                 task.g_step()
                 task.d_step()
-            s = _median_time(it, iters, rt)
-            fl = _flops(it)
+            s = _median_time(it, iters, rt, 3 if comp == "on" else 1)
+            fl = _flops(it) if comp == "off" else rows[-1]["flops"]    # the same arithmetic
             rows.append({"bench": f"CycleGAN resnet_9blocks b{batch} {size}px iteration", "path": path,
                          "runtime": rt.describe(), "s": s, "images_per_s": batch / s,
                          "quoted_reference_s": QUOTED[quoted], "flops": fl, "flop_per_s": fl / s})
@@ -209,8 +215,24 @@ def section_data(iters: int) -> list[dict]:
              "s": s_alb, "images_per_s": 64 / s_alb}]
 
 
-def section_generate(iters: int, sizes=(1000, 10000)) -> list[dict]:
-    """gan-generate time and peak memory vs tiles, each size in a fresh process."""
+SCALE_SIZES = [1000, 10000]
+
+
+def _timed_child(code: str) -> tuple[float, float]:
+    """Seconds and peak RSS (MB) of ``code`` run in a fresh Python process."""
+    wrapped = ("import sys,time,resource; sys.path.insert(0, %r); t=time.perf_counter()\n%s\n"
+               "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)" % (str(ROOT), code))
+    out = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    s, rss = out.stdout.split()[-2:]
+    return float(s), int(rss) / 1024
+
+
+def section_scale(iters: int) -> list[dict]:
+    """Time and peak memory against the number of tiles: gan-generate N tiles, then piq-report of
+    those N synthetic tiles against the demo's real test split (pixel features, 64 px, 2
+    subsamples; every pass streams through the memory-mapped tile cache). Each in a fresh process."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         from gans.train_gan import load_config, train_gan
@@ -218,17 +240,23 @@ def section_generate(iters: int, sizes=(1000, 10000)) -> list[dict]:
                                        "data.cache=memory"])
         run = Path(tmp) / "run"
         train_gan(cfg, run, progress=False)
-        for n in sizes:
+        for n in SCALE_SIZES:
             per_class = n // 3
-            code = ("import sys,time,resource; sys.path.insert(0, %r); from gans.generate import generate; "
-                    "t=time.perf_counter(); generate(%r, %r, %d, progress=False); "
-                    "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-                    % (str(ROOT), str(run), str(Path(tmp) / f"g{n}"), per_class))
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-            s, rss = out.stdout.split()[-2:]
+            fake = Path(tmp) / f"g{n}"
+            s, rss = _timed_child("from gans.generate import generate; generate(%r, %r, %d, progress=False)"
+                                  % (str(run), str(fake), per_class))
             rows.append({"bench": f"gan-generate {per_class * 3} tiles (dcgan 64 px, PNG + sha256)",
-                         "path": "histosynth default", "s": float(s), "images_per_s": per_class * 3 / float(s),
-                         "peak_rss_mb": int(rss) / 1024})
+                         "path": "histosynth default", "s": s, "images_per_s": per_class * 3 / s,
+                         "peak_rss_mb": rss, "tiles": per_class * 3})
+            s, rss = _timed_child(
+                "import os; os.environ['HISTOSYNTH_CACHE']=%r; from metrics.report import build_report; "
+                "build_report(%r, %r, %r, extractor='pixels', size=64, progress=False, n_boot=2)"
+                % (str(Path(tmp) / "cache"), str(DEMO / "test"), str(fake), str(Path(tmp) / f"r{n}")))
+            rows.append({"bench": f"piq-report of {per_class * 3} synthetic tiles vs the demo test split "
+                                  "(pixel features, 64 px, overall + per class, 2 subsamples)",
+                         "path": "histosynth default", "s": s, "images_per_s": per_class * 3 / s,
+                         "peak_rss_mb": rss, "tiles": per_class * 3})
+            shutil.rmtree(fake)
     return rows
 
 
@@ -260,7 +288,7 @@ def section_metrics(iters: int) -> list[dict]:
 
 
 SECTIONS = {"gans": section_gans, "sngan32": section_sngan32, "cyclegan": section_cyclegan,
-            "effnet": section_effnet, "data": section_data, "generate": section_generate,
+            "effnet": section_effnet, "data": section_data, "scale": section_scale,
             "metrics": section_metrics}
 
 
@@ -296,6 +324,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--scale", type=int, nargs="+", default=SCALE_SIZES, metavar="N",
+                    help="tile counts of the scaling section (e.g. 1000 10000 100000)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--render", action="store_true", help="only rewrite benchmarks.md from benchmarks.json")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
@@ -305,13 +335,14 @@ def main() -> None:
         (Path(args.out) / "benchmarks.md").write_text(_markdown(data["meta"], data["results"]))
         return
     if args._child:
+        SCALE_SIZES[:] = args.scale
         print(json.dumps(_run_one(args._child, args.iters)))
         return
     rows = []
     for name in args.sections:
         print(f"benchmarks: {name} ...", file=sys.stderr, flush=True)
-        out = subprocess.run([sys.executable, __file__, "--_child", name, "--iters", str(args.iters)],
-                             capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--_child", name, "--iters", str(args.iters),
+                              "--scale", *map(str, args.scale)], capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"benchmark section {name} failed")
