@@ -150,6 +150,7 @@ def section_cyclegan(iters: int) -> list[dict]:
                                                   f"train.channels_last={cl}", f"train.compile={comp}"])
             rt = Runtime.from_choices(cfg.train.device, cfg.train.amp, cfg.train.channels_last, cpu_fast_path=True)
             torch.manual_seed(0)
+            torch._dynamo.reset()     # a training run has one shape: no dynamic-shape kernels from the last size
             task = CycleGANTask(cfg, *load_domains(cfg, progress=False), rt)
 
             def it():
