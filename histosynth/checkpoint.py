@@ -35,14 +35,25 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
     A crash (or a full disk) at any point leaves either the old file or the new one, never a
     torn file; the temporary file is removed when the write fails.
     """
+    def fill(tmp: Path) -> None:
+        with open(tmp, mode) as f:
+            write(f)
+    atomic_fill(path, fill)
+
+
+def atomic_fill(path: str | Path, fill: Callable[[Path], None]) -> None:
+    """:func:`atomic_write` for writers that need a file name (e.g. a memory-mapped array):
+    ``fill(tmp)`` creates and writes ``tmp``; it is fsynced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        fill(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         _failpoint()
         os.replace(tmp, path)
     except BaseException:

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from histosynth.checkpoint import atomic_write, atomic_write_text
+from histosynth.checkpoint import atomic_fill, atomic_write_text
 from histosynth.stain import MacenkoStain
 from histosynth.images import (DataError, UnreadableImage, open_rgb, scan_flat_folder,
                                scan_image_folder, warn_skipped)
@@ -89,38 +89,70 @@ class TileCache:
         if stain_norm == "macenko":
             ref_path = Path(stain_reference) if stain_reference else items[0][0]
             normalise = MacenkoStain(np.asarray(open_rgb(ref_path)))
-        arrays, labels, files, skipped = [], [], [], []
+        shape = (len(items), 3, image_size, image_size)
+        labels, files, skipped = [], [], []
         stain_failures = 0
-        for path, label in tqdm(items, desc=f"decoding {root.name}", unit="img",
-                                disable=not progress, leave=False):
-            try:
-                rgb = np.asarray(open_rgb(path))
-            except UnreadableImage as e:
-                skipped.append((str(path), str(e)))
-                continue
-            if normalise is not None:
+
+        def decode_into(images: np.ndarray) -> int:
+            """Decode every readable file into ``images`` row by row; returns how many."""
+            nonlocal stain_failures
+            n = 0
+            for path, label in tqdm(items, desc=f"decoding {root.name}", unit="img",
+                                    disable=not progress, leave=False):
                 try:
-                    rgb = normalise(rgb)
-                except Exception:  # background-only tiles have no stain vectors to fit
-                    stain_failures += 1
-            arrays.append(square_resize(Image.fromarray(rgb), image_size).transpose(2, 0, 1))
-            labels.append(label)
-            files.append(str(path.relative_to(root)))
-        warn_skipped(skipped, str(root))
-        if stain_failures:
-            warnings.warn(f"Macenko normalisation failed on {stain_failures} tile(s) of {root} "
-                          "(too little stained tissue); they were kept unnormalised", stacklevel=2)
-        present = set(labels)
-        missing = [c for i, c in enumerate(classes) if i not in present]
-        if missing:
-            raise DataError(f"no readable image in class folder(s) {', '.join(missing)} of {root}")
-        images = np.stack(arrays)
-        labels_np = np.asarray(labels, dtype=np.int64)
-        if npy is not None:
-            atomic_write(npy, lambda f: np.save(f, images))
+                    rgb = np.asarray(open_rgb(path))
+                except UnreadableImage as e:
+                    skipped.append((str(path), str(e)))
+                    continue
+                if normalise is not None:
+                    try:
+                        rgb = normalise(rgb)
+                    except Exception:  # background-only tiles have no stain vectors to fit
+                        stain_failures += 1
+                images[n] = square_resize(Image.fromarray(rgb), image_size).transpose(2, 0, 1)
+                labels.append(label)
+                files.append(str(path.relative_to(root)))
+                n += 1
+            return n
+
+        def check() -> None:
+            warn_skipped(skipped, str(root))
+            if stain_failures:
+                warnings.warn(f"Macenko normalisation failed on {stain_failures} tile(s) of {root} "
+                              "(too little stained tissue); they were kept unnormalised", stacklevel=3)
+            present = set(labels)
+            missing = [c for i, c in enumerate(classes) if i not in present]
+            if missing:
+                raise DataError(f"no readable image in class folder(s) {', '.join(missing)} of {root}")
+
+        if npy is None:
+            images = np.empty(shape, np.uint8)
+            images = images[:decode_into(images)]
+            check()
+        else:
+            # decoded straight into the cache file, tile by tile: memory stays flat however many
+            # tiles there are (a list + np.stack would hold every tile twice)
+            def fill(tmp: Path) -> None:
+                full = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+                n = decode_into(full)
+                check()
+                if n < len(items):          # skipped files: the array is shorter than the file list
+                    part = tmp.with_name(f".{npy.name}.part.{os.getpid()}.tmp")
+                    short = np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8, shape=(n, *shape[1:]))
+                    for i in range(0, n, 1024):
+                        short[i:min(i + 1024, n)] = full[i:min(i + 1024, n)]
+                    short.flush()
+                    del short, full
+                    os.replace(part, tmp)
+                else:
+                    full.flush()
+                    del full
+            atomic_fill(npy, fill)
             meta = {"version": CACHE_VERSION, "root": str(root), "classes": classes,
                     "files": files, "labels": labels, "skipped": skipped}
             atomic_write_text(json_path, json.dumps(meta))
+            images = np.load(npy, mmap_mode="r")
+        labels_np = np.asarray(labels, dtype=np.int64)
         return cls(images, labels_np, classes, files, skipped, key)
 
 

@@ -84,6 +84,13 @@ def test_cache_skips_and_reports_corrupt_files(tile_folder):
     msg = str(rec[0].message)
     assert "broken.png" in msg and "empty.jpg" in msg and "skipped 2" in msg
     assert len(cache) == 12 and len(cache.skipped) == 2
+    # decoded straight into the disk cache (row by row, then cut to the readable files): the
+    # same tiles, labels and files as in memory, and nothing left behind but the cache itself
+    with pytest.warns(SkippedFilesWarning):
+        disk = TileCache.build(tile_folder, 32, cache_dir=tile_folder.parent / "c", progress=False)
+    assert np.array_equal(np.asarray(disk.images), cache.images) and disk.images.shape[0] == 12
+    assert list(disk.labels) == list(cache.labels) and disk.files == cache.files
+    assert sorted(p.suffix for p in (tile_folder.parent / "c").iterdir()) == [".json", ".npy"]
 
 
 def test_cache_shape_labels_and_disk_reuse(tile_folder, tmp_path):
