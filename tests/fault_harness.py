@@ -3,8 +3,9 @@
     python tests/fault_harness.py --kills 20 --out /tmp/faults          # every job, 20 kills each
     python tests/fault_harness.py --jobs dcgan compare --kills 3        # a subset (what CI runs)
 
-For each job (dcgan, sngan, wgan_gp, cyclegan: train-gan; classifier: an augment-compare cell
-killed mid-training; compare: a 2 x 2 augment-compare run) the harness runs it once uninterrupted,
+For each job (dcgan, sngan, wgan_gp, cyclegan: train-gan; ddp_wgan_gp: train-gan on 2 gloo
+processes under torchrun, the whole process tree killed as a pre-empted job is; classifier: an
+augment-compare cell killed mid-training; compare: a 2 x 2 augment-compare run) the harness runs it once uninterrupted,
 then again under fire (as many runs as it takes to land the kills): each attempt is SIGKILLed either after a random delay or, every other
 attempt, inside an atomic write (HISTOSYNTH_FAILPOINT: after the temporary file is written,
 before it replaces the target) and then restarted with the resume command, until it finishes.
@@ -43,16 +44,45 @@ def _sets(items) -> list[str]:
     return sum((["--set", s] for s in items), [])
 
 
-def _gan_job(family: str):
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (torchrun starts each worker in a session of its own, so
+    killing torchrun's process group would leave the workers running)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL ``pid`` and every descendant at once (a pre-empted job); returns the pids."""
+    tree = process_tree(pid)
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
+def _gan_job(family: str, procs: int = 1):
     from conftest import tiny_overrides
-    sets = tiny_overrides(TILES, **{"train.steps": 200, "train.checkpoint_every": 4, "train.sample_every": 50,
-                                    "train.log_every": 2})
+    sets = tiny_overrides(TILES, **{"train.steps": 200 if procs == 1 else 60, "train.checkpoint_every": 4,
+                                    "train.sample_every": 50, "train.log_every": 2})
+    launch = [sys.executable, "-m", "gans.train_gan"] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+        "-m", "gans.train_gan"]
 
     def start(out):
-        return [sys.executable, "-m", "gans.train_gan", "--cfg", family, "--out", str(out), "--no-progress", *_sets(sets)]
+        return [*launch, "--cfg", family, "--out", str(out), "--no-progress", *_sets(sets)]
 
     def resume(out):
-        return [sys.executable, "-m", "gans.train_gan", "--resume", str(out), "--no-progress"]
+        return [*launch, "--resume", str(out), "--no-progress"]
     return start, resume, _gan_final
 
 
@@ -85,6 +115,7 @@ def _compare_job(arms: str, seeds: str, epochs: int):
 JOBS = {
     "dcgan": lambda: _gan_job("dcgan"), "sngan": lambda: _gan_job("sngan"),
     "wgan_gp": lambda: _gan_job("wgan_gp"), "cyclegan": _cyclegan_job,
+    "ddp_wgan_gp": lambda: _gan_job("wgan_gp", procs=2),
     "classifier": lambda: _compare_job("[{name: real_only, augment: classic}]", "[0]", 12),
     "compare": lambda: _compare_job("[{name: real_only}, {name: balanced, sampler: balanced}]", "[0, 1]", 4),
 }
@@ -134,7 +165,19 @@ def _all_checkpoints_load(out: Path) -> list[str]:
     return bad
 
 
-def _faulted_round(start, resume, out: Path, env: dict, kills: int, rng: random.Random) -> dict:
+# torchrun: several processes to start (a longer start-up before a random kill can land)
+DISTRIBUTED = {"ddp_wgan_gp"}
+
+
+def _killed(proc, err: str, distributed: bool) -> bool:
+    if proc.returncode == -signal.SIGKILL:
+        return True
+    # torchrun reports a worker that killed itself inside a write as a failed child
+    return distributed and proc.returncode != 0 and "Signal 9 (SIGKILL)" in err
+
+
+def _faulted_round(start, resume, out: Path, env: dict, kills: int, rng: random.Random,
+                   distributed: bool = False) -> dict:
     """One run to completion under fire: up to ``kills`` SIGKILLs, alternating a random moment and
     a moment inside an atomic write, each followed by the resume command."""
     injected = in_write = 0
@@ -147,12 +190,12 @@ def _faulted_round(start, resume, out: Path, env: dict, kills: int, rng: random.
         proc = subprocess.Popen(cmd, env=e, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if injected < kills and "HISTOSYNTH_FAILPOINT" not in e:
             try:
-                # past the interpreter's start-up (~2-3 s), a little way into the remaining work
-                proc.wait(timeout=rng.uniform(2.0, 5.0))
+                # past the interpreter's start-up (~2-3 s; torchrun's ~5 s), a little way into the work
+                proc.wait(timeout=rng.uniform(5.0, 10.0) if distributed else rng.uniform(2.0, 5.0))
             except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
+                kill_tree(proc.pid)
         _, err = proc.communicate()
-        if proc.returncode == -signal.SIGKILL:
+        if _killed(proc, err, distributed):
             injected += 1
             in_write += "HISTOSYNTH_FAILPOINT" in e
             # killed before the run wrote its config (during interpreter start-up): start again
@@ -182,7 +225,7 @@ def run_job(name: str, kills: int, work: Path, seed: int) -> dict:
     while total["kills"] < kills or total["rounds"] == 0:
         out = work / f"{name}-faults-{total['rounds']}"
         shutil.rmtree(out, ignore_errors=True)
-        r = _faulted_round(start, resume, out, env, kills - total["kills"], rng)
+        r = _faulted_round(start, resume, out, env, kills - total["kills"], rng, name in DISTRIBUTED)
         got = final(out)
         diff = _equal(want, got)
         total["kills"] += r["kills"]

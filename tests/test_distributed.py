@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from gans.loop import RunPaths
 from histosynth.checkpoint import safe_load
 from histosynth.runtime import Runtime
 from conftest import assert_same_state, tiny_overrides
+from fault_harness import kill_tree
 
 
 def _free_port() -> int:
@@ -141,21 +141,6 @@ def _torchrun(args, env, **kw):
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (torchrun starts each worker in a session of its own, so
-    killing torchrun's process group would leave the workers running)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return out
-
-
 def _kill_after_checkpoint(proc, ck_path, min_step, final_step, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -167,12 +152,7 @@ def _kill_after_checkpoint(proc, ck_path, min_step, final_step, timeout=300):
             if min_step <= step < final_step:
                 break
         time.sleep(0.05)
-    tree = _process_tree(proc.pid)            # a pre-empted job: every process dies at once
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    tree = kill_tree(proc.pid)                # a pre-empted job: every process dies at once
     proc.wait()
     assert len(tree) >= 3, "torchrun's workers were not found"
     for pid in tree[1:]:

@@ -5,7 +5,7 @@ import pytest
 from fault_harness import main as harness_main, run_job
 
 
-@pytest.mark.parametrize("job", ["dcgan", "compare"])
+@pytest.mark.parametrize("job", ["dcgan", "compare", "ddp_wgan_gp"])
 def test_killed_runs_resume_to_the_uninterrupted_result(job, tmp_path):
     r = run_job(job, kills=3, work=tmp_path, seed=1)
     assert r["kills"] >= 2 and r["kills_inside_a_write"] >= 1, r
