@@ -126,6 +126,12 @@ def distributed_runtime(rt: Runtime, dist: Dist, batch_size: int) -> Runtime:
     return dataclasses.replace(rt, device=dev, rank=dist.rank, world=dist.world)
 
 
+def _mean_over_ranks(sums: dict[str, torch.Tensor], dist: Dist) -> dict[str, float]:
+    """The accumulated losses as floats, averaged over ranks (one all-reduce, one host sync), so
+    every rank logs and takes the NaN decision on the same numbers."""
+    return dict(zip(sums, dist.mean(torch.stack(list(sums.values())).float()).tolist()))
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -258,7 +264,7 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
                 n_acc += 1
 
                 if step % t.log_every == 0 or step == t.steps:
-                    row = dict(zip(sums, (dist.mean(torch.stack(list(sums.values())).float()) / n_acc).tolist()))
+                    row = {k: v / n_acc for k, v in _mean_over_ranks(sums, dist).items()}
                     _check_finite(row, step, last_good, paths)
                     now = time.perf_counter()
                     row = {"step": step, **row,
@@ -280,8 +286,7 @@ def run_training(cfg: Any, task_factory, paths: RunPaths, family: str, resume: b
                     log_kid(step, log)
                 if step % t.checkpoint_every == 0 or step == t.steps:
                     if sums:                     # losses since the last log: check before saving
-                        _check_finite(dict(zip(sums, dist.mean(torch.stack(list(sums.values())).float()).tolist())),
-                                      step, last_good, paths)
+                        _check_finite(_mean_over_ranks(sums, dist), step, last_good, paths)
                     if not _all_finite(task.modules):
                         raise NonFiniteLossError(_nan_message("a weight", step, last_good, paths))
                     save_checkpoint(step)
