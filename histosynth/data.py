@@ -57,6 +57,22 @@ class TileCache:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batches(self, batch: int = 256):
+        """``(start, B x 3 x S x S uint8)`` over every tile in order. A memory-mapped cache is read
+        with plain file reads: a pass over a large set then leaves its pages in the kernel's page
+        cache, not in this process's resident memory (as touching the mapping would)."""
+        if isinstance(self.images, np.memmap) and self.images.filename:
+            shape = self.images.shape[1:]
+            per = int(np.prod(shape))
+            with open(self.images.filename, "rb") as f:
+                for s in range(0, len(self), batch):
+                    n = min(batch, len(self) - s)
+                    f.seek(self.images.offset + s * per)
+                    yield s, np.fromfile(f, np.uint8, n * per).reshape(n, *shape)
+        else:
+            for s in range(0, len(self), batch):
+                yield s, np.asarray(self.images[s:s + batch])
+
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=len(self.classes))
         return {c: int(n) for c, n in zip(self.classes, counts)}
@@ -130,23 +146,25 @@ class TileCache:
             images = images[:decode_into(images)]
             check()
         else:
-            # decoded straight into the cache file, tile by tile: memory stays flat however many
-            # tiles there are (a list + np.stack would hold every tile twice)
+            # decoded straight into the cache file, tile by tile, with plain writes: memory stays
+            # flat however many tiles there are (a list + np.stack held every tile twice, and
+            # writing through a memory map keeps every written page resident)
+            per = int(np.prod(shape[1:]))
+
             def fill(tmp: Path) -> None:
-                full = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-                n = decode_into(full)
+                offset = _npy_header(tmp, shape)
+                with open(tmp, "r+b") as f:
+                    n = decode_into(_RowWriter(f, offset, per))
                 check()
                 if n < len(items):          # skipped files: the array is shorter than the file list
                     part = tmp.with_name(f".{npy.name}.part.{os.getpid()}.tmp")
-                    short = np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8, shape=(n, *shape[1:]))
-                    for i in range(0, n, 1024):
-                        short[i:min(i + 1024, n)] = full[i:min(i + 1024, n)]
-                    short.flush()
-                    del short, full
+                    part_offset = _npy_header(part, (n, *shape[1:]))
+                    with open(tmp, "rb") as src, open(part, "r+b") as dst:
+                        src.seek(offset)
+                        dst.seek(part_offset)
+                        for i in range(0, n, 1024):
+                            dst.write(src.read(per * (min(i + 1024, n) - i)))
                     os.replace(part, tmp)
-                else:
-                    full.flush()
-                    del full
             atomic_fill(npy, fill)
             meta = {"version": CACHE_VERSION, "root": str(root), "classes": classes,
                     "files": files, "labels": labels, "skipped": skipped}
@@ -154,6 +172,25 @@ class TileCache:
             images = np.load(npy, mmap_mode="r")
         labels_np = np.asarray(labels, dtype=np.int64)
         return cls(images, labels_np, classes, files, skipped, key)
+
+
+def _npy_header(path: Path, shape: tuple[int, ...]) -> int:
+    """Create ``path`` as a (sparse) uint8 .npy of ``shape``; returns where its data starts."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    offset = arr.offset
+    del arr
+    return offset
+
+
+class _RowWriter:
+    """``w[i] = tile`` writes tile ``i`` of an .npy file in place, with a plain file write."""
+
+    def __init__(self, f, offset: int, per: int):
+        self.f, self.offset, self.per = f, offset, per
+
+    def __setitem__(self, i: int, tile: np.ndarray) -> None:
+        self.f.seek(self.offset + i * self.per)
+        self.f.write(np.ascontiguousarray(tile, dtype=np.uint8).tobytes())
 
 
 def _cache_key(root: Path, items, image_size, stain_norm, stain_reference) -> str:
