@@ -162,6 +162,7 @@ def build_report(real: str, fake: str, out: str, train: str | None = None, paire
     fr, ff = features(R, ext, progress), features(F, ext, progress)
     result: dict = {"real": str(real), "fake": str(fake), "extractor": ext.describe(),
                     "tile_size": size, "counts": {"real": len(R), "fake": len(F)}, "prdc_max": prdc_max}
+    result["stain"] = {"real": _stain(R, progress), "fake": _stain(F, progress)}
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         result["overall"] = distribution_metrics(fr, ff, n_boot=n_boot, prdc_max=prdc_max)
@@ -169,7 +170,6 @@ def build_report(real: str, fake: str, out: str, train: str | None = None, paire
                                                        n_boot=n_boot, prdc_max=prdc_max)
                                for c, mr, mf in _by_class(R, F) if mr.sum() >= 3 and mf.sum() >= 3}
         caught += sorted({str(x.message) for x in w if not issubclass(x.category, DeprecationWarning)})
-    result["stain"] = {"real": _stain(R, progress), "fake": _stain(F, progress)}
     if paired:
         result["paired"] = paired_folder_scores(real, fake, progress=progress)
     if train:
