@@ -19,7 +19,6 @@ Checkpoints are written atomically and read with ``weights_only=True``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -114,8 +113,7 @@ def fit(cfg: ClassifierConfig, train: TileDataset, val_images: np.ndarray, val_l
     k = len(classes)
     rt = Runtime.from_choices(t.device, t.amp, t.channels_last)
     dist = setup(rt.device.type)          # torchrun: one process per device, DDP; else one process
-    if dist.active and rt.device.type == "cuda":
-        rt = dataclasses.replace(rt, device=torch.device("cuda", dist.local_rank))
+    rt = dist.place(rt)
     torch.manual_seed(seed)
     model = rt.prepare(create_classifier(m.variant, k, m.weights, m.dropout, m.bn_momentum))
     net = model
@@ -172,8 +170,9 @@ def fit(cfg: ClassifierConfig, train: TileDataset, val_images: np.ndarray, val_l
         epoch = state["epoch"] + 1
         if dist.active:                   # per-(rank, epoch) streams: resumable at any epoch
             loader.sampler.set_epoch(epoch)
-            torch.manual_seed(seed * 100003 + epoch * 1009 + dist.rank)
-            _share_aug_rng(train.transform, seed * 100003 + epoch * 1009 + dist.rank)
+            stream = seed * 100003 + epoch * 1009 + dist.rank
+            torch.manual_seed(stream)
+            _share_aug_rng(train.transform, stream)
         model.train()
         loss_sum = torch.zeros((), device=rt.device)
         seen = 0

@@ -126,11 +126,15 @@ def _cache_dir(cfg: CompareConfig) -> Path:
     return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
 
 
+def load_tiles(cfg: CompareConfig, root, progress: bool) -> TileCache:
+    """A folder's tiles at the classifier's size, through the shared disk cache (decoded once:
+    later calls, and the cell workers, reopen it)."""
+    return TileCache.build(root, cfg.classifier.model.image_size, cache_dir=_cache_dir(cfg), progress=progress)
+
+
 def load_splits(cfg: CompareConfig, out: Path, progress: bool):
     splits = resolve_splits(cfg.data, out)
-    size = cfg.classifier.model.image_size
-    caches = {s: TileCache.build(splits.roots[s], size, cache_dir=_cache_dir(cfg), progress=progress)
-              for s in SPLITS}
+    caches = {s: load_tiles(cfg, splits.roots[s], progress) for s in SPLITS}
     classes = caches["train"].classes
     for s in ("val", "test"):
         if caches[s].classes != classes:
@@ -195,7 +199,6 @@ def gan_stage(cfg: CompareConfig, train_root: Path, out: Path, per_class: int, p
 def load_synthetic(cfg: CompareConfig, out: Path, splits, caches, evals: dict[str, str], progress: bool):
     sources: dict[str, tuple[TileCache, dict]] = {}
     wanted = {a.synthetic.source for a in cfg.arms} - {"none"}
-    size = cfg.classifier.model.image_size
     for src in sorted(wanted):
         if src == "gan":
             per_class = cfg.gan.per_class if cfg.gan.per_class != "auto" else needed_per_class(
@@ -206,7 +209,7 @@ def load_synthetic(cfg: CompareConfig, out: Path, splits, caches, evals: dict[st
             if not root.is_dir():
                 raise DataError(f"synthetic source {src} is not a folder (give 'gan', 'none' or a folder "
                                 "written by gan-generate)")
-        cache = TileCache.build(root, size, cache_dir=_cache_dir(cfg), progress=progress)
+        cache = load_tiles(cfg, root, progress)
         prov = verify_synthetic(root, cache.files, evals, [splits.roots["val"], splits.roots["test"]],
                                 cfg.leakage.allow_unverified_synthetic)
         sources[src] = (cache, {"root": str(root), "classes": cache.class_counts(), **prov})
@@ -216,11 +219,8 @@ def load_synthetic(cfg: CompareConfig, out: Path, splits, caches, evals: dict[st
 def reopen_inputs(cfg: CompareConfig, split_roots: dict[str, str], source_roots: dict[str, str]):
     """The tile caches of the splits and synthetic sources, reopened from the disk cache the
     parent process wrote (a cell worker's view; the parent already checked them)."""
-    size, cache_dir = cfg.classifier.model.image_size, _cache_dir(cfg)
-    caches = {s: TileCache.build(root, size, cache_dir=cache_dir, progress=False)
-              for s, root in split_roots.items()}
-    sources = {k: (TileCache.build(root, size, cache_dir=cache_dir, progress=False), {"root": root})
-               for k, root in source_roots.items()}
+    caches = {s: load_tiles(cfg, root, False) for s, root in split_roots.items()}
+    sources = {k: (load_tiles(cfg, root, False), {"root": root}) for k, root in source_roots.items()}
     return caches, sources
 
 

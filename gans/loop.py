@@ -29,7 +29,6 @@ Run directory::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -116,14 +115,11 @@ def _rank_seed(seed: int, step: int, rank: int) -> int:
 
 
 def distributed_runtime(rt: Runtime, dist: Dist, batch_size: int) -> Runtime:
-    """``rt`` for this process of a data-parallel run: its own GPU, its rank."""
-    if not dist.active:
-        return rt
-    if batch_size % dist.world:
+    """``rt`` for this process of a data-parallel run, whose global batch must split over the ranks."""
+    if dist.active and batch_size % dist.world:
         raise ConfigError("train.batch_size", f"{batch_size} cannot be shared out over {dist.world} "
                           f"processes: it is the batch of all processes together, use a multiple of {dist.world}")
-    dev = torch.device("cuda", dist.local_rank) if rt.device.type == "cuda" else rt.device
-    return dataclasses.replace(rt, device=dev, rank=dist.rank, world=dist.world)
+    return dist.place(rt)
 
 
 def _mean_over_ranks(sums: dict[str, torch.Tensor], dist: Dist) -> dict[str, float]:

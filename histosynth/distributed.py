@@ -7,6 +7,7 @@ variables everything runs as one process and nothing here does anything.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -27,6 +28,14 @@ class Dist:
     def main(self) -> bool:
         """Rank 0: the one process that logs and writes checkpoints."""
         return self.rank == 0
+
+    def place(self, rt):
+        """The run's :class:`~histosynth.runtime.Runtime` for this process: its own GPU
+        (``cuda:LOCAL_RANK``), its rank and the world size."""
+        if not self.active:
+            return rt
+        dev = torch.device("cuda", self.local_rank) if rt.device.type == "cuda" else rt.device
+        return dataclasses.replace(rt, device=dev, rank=self.rank, world=self.world)
 
     def barrier(self) -> None:
         if self.active:

@@ -83,7 +83,7 @@ def _gan_job(family: str, procs: int = 1):
 
     def resume(out):
         return [*launch, "--resume", str(out), "--no-progress"]
-    return start, resume, _gan_final
+    return start, resume, _gan_final, procs > 1
 
 
 def _cyclegan_job():
@@ -97,7 +97,7 @@ def _cyclegan_job():
 
     def resume(out):
         return [sys.executable, "-m", "gans.train_gan", "--resume", str(out), "--no-progress"]
-    return start, resume, _gan_final
+    return start, resume, _gan_final, False
 
 
 def _compare_job(arms: str, seeds: str, epochs: int):
@@ -109,7 +109,7 @@ def _compare_job(arms: str, seeds: str, epochs: int):
     def start(out):
         return [sys.executable, "-m", "experiments.augment_compare", "--cfg", "compare_demo", "--out", str(out),
                 "--no-progress", *_sets(sets)]
-    return start, start, _compare_final
+    return start, start, _compare_final, False
 
 
 JOBS = {
@@ -165,10 +165,6 @@ def _all_checkpoints_load(out: Path) -> list[str]:
     return bad
 
 
-# torchrun: several processes to start (a longer start-up before a random kill can land)
-DISTRIBUTED = {"ddp_wgan_gp"}
-
-
 def _killed(proc, err: str, distributed: bool) -> bool:
     if proc.returncode == -signal.SIGKILL:
         return True
@@ -211,7 +207,7 @@ def _faulted_round(start, resume, out: Path, env: dict, kills: int, rng: random.
 def run_job(name: str, kills: int, work: Path, seed: int) -> dict:
     """The uninterrupted run, then faulted runs (as many rounds as it takes to inject ``kills``
     SIGKILLs: a short job can finish before all of them land), each compared with it."""
-    start, resume, final = JOBS[name]()
+    start, resume, final, distributed = JOBS[name]()   # distributed: torchrun, several processes
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HISTOSYNTH_CACHE": str(work / "cache")}
     ref = work / f"{name}-ref"
     shutil.rmtree(ref, ignore_errors=True)
@@ -225,7 +221,7 @@ def run_job(name: str, kills: int, work: Path, seed: int) -> dict:
     while total["kills"] < kills or total["rounds"] == 0:
         out = work / f"{name}-faults-{total['rounds']}"
         shutil.rmtree(out, ignore_errors=True)
-        r = _faulted_round(start, resume, out, env, kills - total["kills"], rng, name in DISTRIBUTED)
+        r = _faulted_round(start, resume, out, env, kills - total["kills"], rng, distributed)
         got = final(out)
         diff = _equal(want, got)
         total["kills"] += r["kills"]
