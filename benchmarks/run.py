@@ -86,9 +86,8 @@ def _flops(fn) -> int | None:
 
 
 def _gan_task(family: str, size: int, batch: int, amp: str, cl: str, ch: int | None, extra=()):
+    from gans.adversarial import GANTask, load_data
     from gans.config import GANConfig
-    from gans.losses import GANTask
-    from gans.train_gan import load_data
     from histosynth import config as configlib
 
     sets = [f"data.image_size={size}", f"train.batch_size={batch}", "data.cache=memory",
@@ -104,14 +103,9 @@ def section_gans(iters: int) -> list[dict]:
     for family in ("dcgan", "sngan", "wgan_gp"):
         for path, (amp, cl) in PATHS.items():
             task, rt = _gan_task(family, 64, 64, amp, cl, None)
-
-            def it():
-                for _ in range(task.n_dis):
-                    task.d_step()
-                task.g_step()
-            s = _median_time(it, iters, rt)
+            s = _median_time(task.train_step, iters, rt)
             rows.append({"bench": f"{family} 64px b64 iteration", "path": path, "runtime": rt.describe(),
-                         "s": s, "images_per_s": 64 * task.n_dis / s, "flops": _flops(it)})
+                         "s": s, "images_per_s": task.plan.images_per_step / s, "flops": _flops(task.train_step)})
     return rows
 
 
@@ -121,11 +115,15 @@ def section_sngan32(iters: int) -> list[dict]:
         task, rt = _gan_task("sngan", 32, 64, amp, cl, 64, ["train.n_dis=5", "train.diffaugment=''",
                                                             "loss.type=hinge", f"train.compile={comp}"])
         warm = 3 if comp == "on" else 1           # compiling: the first calls (grad on / off)
-        d = _median_time(task.d_step, iters, rt, warm)
-        g = _median_time(task.g_step, iters, rt, warm)
+
+        def d_step():                             # one D update, its real batch drawn as in training
+            task.d_step(*task.real_batch())
+        _, y = task.real_batch()
+        d = _median_time(d_step, iters, rt, warm)
+        g = _median_time(lambda: task.g_step(y), iters, rt, warm)
+        it = _median_time(task.train_step, max(1, iters // 2), rt, 1)       # the real step: 5 D + 1 G
         params = {n: sum(p.numel() for p in m.parameters()) for n, m in task.modules.items()}
-        fl = _flops(task.d_step) * 5 + _flops(task.g_step)
-        it = 5 * d + g
+        fl = _flops(task.train_step)
         for name, s, n_img, quoted in (("D step", d, 64, "sngan32_d_step"), ("G step", g, 64, "sngan32_g_step"),
                                        ("iteration (5 D + 1 G)", it, 64 * 5, "sngan32_iteration")):
             rows.append({"bench": f"SNGAN-32 {name} (G {params['G'] / 1e6:.2f} M, D {params['D'] / 1e6:.2f} M)",
@@ -136,8 +134,8 @@ def section_sngan32(iters: int) -> list[dict]:
 
 
 def section_cyclegan(iters: int) -> list[dict]:
-    from gans.cyclegan import CycleGANTask
-    from gans.train_gan import load_config, load_domains
+    from gans.families.cyclegan import CycleGANTask, load_data
+    from gans.train_gan import load_config
 
     rows = []
     for batch, size, quoted in ((1, 256, "cyclegan_b1_256"), (4, 128, "cyclegan_b4_128")):
@@ -151,13 +149,9 @@ def section_cyclegan(iters: int) -> list[dict]:
             rt = Runtime.from_choices(cfg.train.device, cfg.train.amp, cfg.train.channels_last, cpu_fast_path=True)
             torch.manual_seed(0)
             torch._dynamo.reset()     # a training run has one shape: no dynamic-shape kernels from the last size
-            task = CycleGANTask(cfg, *load_domains(cfg, progress=False), rt)
-
-            def it():
-                task.g_step()
-                task.d_step()
-            s = _median_time(it, iters, rt, 3 if comp == "on" else 1)
-            fl = _flops(it) if comp == "off" else rows[-1]["flops"]    # the same arithmetic
+            task = CycleGANTask(cfg, load_data(cfg, progress=False), rt)
+            s = _median_time(task.train_step, iters, rt, 3 if comp == "on" else 1)
+            fl = _flops(task.train_step) if comp == "off" else rows[-1]["flops"]    # the same arithmetic
             rows.append({"bench": f"CycleGAN resnet_9blocks b{batch} {size}px iteration", "path": path,
                          "runtime": rt.describe(), "s": s, "images_per_s": batch / s,
                          "quoted_reference_s": QUOTED[quoted], "flops": fl, "flop_per_s": fl / s})
@@ -165,29 +159,28 @@ def section_cyclegan(iters: int) -> list[dict]:
 
 
 def section_effnet(iters: int) -> list[dict]:
-    import torch.nn.functional as F
-    from classifier.model import create_classifier
+    """The classifier's own training step (ClassifierTask.train_step: batch assembly from uint8
+    tiles, forward, loss, backward, AdamW) on random tiles."""
+    import numpy as np
+    from classifier.config import ClassifierConfig
+    from classifier.data import TileDataset
+    from classifier.task import ClassifierTask
+    from histosynth import config as configlib
 
     rows = []
     for batch, size in ((16, 224), (64, 64)):
+        tiles = np.random.default_rng(0).integers(0, 256, (2 * batch, 3, size, size), dtype=np.uint8)
+        data = TileDataset(tiles, np.arange(2 * batch) % 3)
         for path, cl in (("reference-equivalent (fp32, NCHW, eager)", "off"), ("histosynth default", "on")):
+            cfg = configlib.load(ClassifierConfig, None, [f"model.image_size={size}", f"train.batch_size={batch}",
+                                                          "train.epochs=1000", f"train.channels_last={cl}"])[0]
             rt = Runtime.from_choices("auto", "auto", cl)
             torch.manual_seed(0)
-            net = rt.prepare(create_classifier("efficientnet-b0", 3))
-            opt = torch.optim.AdamW(net.parameters(), 1e-3, fused=rt.device.type == "cuda")
-            x = rt.batch(torch.randn(batch, 3, size, size))
-            y = torch.randint(0, 3, (batch,), device=rt.device)
-
-            def step():
-                with rt.autocast():
-                    out = net(x)
-                loss = F.cross_entropy(out.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            s = _median_time(step, iters, rt)
+            task = ClassifierTask(cfg, data, tiles[:1], np.zeros(1, int), ["a", "b", "c"], rt, seed=0)
+            s = _median_time(task.train_step, iters, rt)
             rows.append({"bench": f"EfficientNet-B0 train step b{batch} {size}px", "path": path,
-                         "runtime": rt.describe(), "s": s, "images_per_s": batch / s, "flops": _flops(step)})
+                         "runtime": rt.describe(), "s": s, "images_per_s": batch / s,
+                         "flops": _flops(task.train_step)})
     return rows
 
 

@@ -43,6 +43,8 @@ class ClassifierTrainConfig:
     epochs: int = 30
     """Maximum epochs (an epoch is one pass over the assembled training set)."""
     batch_size: int = 32
+    """Tiles per optimizer step, over all torchrun processes together (each takes its share), as
+    the GANs' train.batch_size: the same config trains the same way on any number of processes."""
     lr: float = 1.0e-3
     """Peak AdamW learning rate, reached after ``warmup_epochs`` and cosine-decayed to 0."""
     weight_decay: float = 1.0e-2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -37,8 +39,17 @@ class TileDataset(Dataset):
         return self.labels.tolist()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.item(i)
+
+    def item(self, i: int, seed: tuple[int, ...] | None = None) -> tuple[torch.Tensor, int]:
+        """Tile ``i`` augmented (normalised ``3 x S x S`` float) and its label. ``seed``: the
+        augmentation draws come from one numpy and one Python generator seeded by it (the same
+        tile and seed always give the same result, in any process); None: the pipeline's own."""
         img = np.asarray(self.images[i])                      # 3 x S x S uint8
         if self.transform is not None and len(self.transform.transforms):
+            if seed is not None:
+                s = int(np.random.SeedSequence(seed).generate_state(1)[0])
+                self.transform.set_random_state(np.random.default_rng(s), random.Random(s))
             img = self.transform(image=np.ascontiguousarray(img.transpose(1, 2, 0)))["image"]
             img = img.transpose(2, 0, 1)
         return normalise(torch.from_numpy(np.ascontiguousarray(img))), int(self.labels[i])

@@ -10,9 +10,11 @@ import numpy as np
 from experiments.config import SyntheticConfig
 from histosynth.config import ConfigError
 from histosynth.data import TileCache
+from histosynth.roles import TileSet
+from histosynth.errors import UserError
 
 
-class AssemblyError(ValueError):
+class AssemblyError(UserError, ValueError):
     """The synthetic source cannot supply what an arm asks for; the message says what to change."""
 
 
@@ -53,14 +55,14 @@ def synthetic_counts(real_counts: dict[str, int], spec: SyntheticConfig, where: 
     return {c: max(0, spec.target.get(c, n) - n) for c, n in real_counts.items()}
 
 
-def assemble(real: TileCache, synth: TileCache | None, counts: dict[str, int], seed: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images N x 3 x S x S uint8, labels, is_synthetic) of real + ``counts`` synthetic per class.
+def assemble(real: TileCache, synth: TileCache | None, counts: dict[str, int], seed: int) -> TileSet:
+    """The real training tiles plus ``counts`` synthetic tiles per class, as one :class:`TileSet`
+    (``synthetic`` marks the added tiles; per-tile ``targets`` travel with their tiles).
 
     Synthetic tiles are drawn without replacement by ``seed`` (a different subset per seed when
     the pool is larger than needed); their labels are mapped onto the real class order.
     """
-    images, labels, flags = [np.asarray(real.images)], [real.labels], [np.zeros(len(real), bool)]
+    picks: list[tuple[int, np.ndarray]] = []             # (class index, synthetic tile indices)
     rng = np.random.default_rng(seed)
     for ci, c in enumerate(real.classes):
         need = counts.get(c, 0)
@@ -73,8 +75,14 @@ def assemble(real: TileCache, synth: TileCache | None, counts: dict[str, int], s
         if len(pool) < need:
             raise AssemblyError(f"{need} synthetic {c} tiles are needed but the source has {len(pool)}; "
                                 "generate more (gan.per_class) or lower the ratio/target")
-        pick = np.sort(rng.choice(pool, size=need, replace=False))
-        images.append(np.asarray(synth.images[pick]))
-        labels.append(np.full(need, ci, dtype=np.int64))
-        flags.append(np.ones(need, bool))
-    return np.concatenate(images), np.concatenate(labels), np.concatenate(flags)
+        picks.append((ci, np.sort(rng.choice(pool, size=need, replace=False))))
+    images = [np.asarray(real.images)] + [np.asarray(synth.images[p]) for _, p in picks]
+    labels = [real.labels] + [np.full(len(p), ci, dtype=np.int64) for ci, p in picks]
+    flags = [np.zeros(len(real), bool)] + [np.ones(len(p), bool) for _, p in picks]
+    targets = None
+    if real.targets is not None:
+        if picks and synth.targets is None:
+            raise AssemblyError("the real tiles carry targets (e.g. masks) but the synthetic source has none")
+        targets = np.concatenate([np.asarray(real.targets)] + [np.asarray(synth.targets[p]) for _, p in picks])
+    return TileSet(np.concatenate(images), np.concatenate(labels), list(real.classes), targets,
+                   np.concatenate(flags))

@@ -1,4 +1,4 @@
-"""augment-compare: does synthetic data help the classifier? An honest, resumable comparison.
+"""augment-compare: does synthetic data help the downstream model? An honest, resumable comparison.
 
     augment-compare --cfg compare_demo.yaml --out runs/compare          # whole pipeline
     augment-compare --cfg compare.yaml --out D --set data.root=/my/data --set seeds=[0,1,2,3,4]
@@ -6,15 +6,16 @@
 
 One command runs every stage: the real splits (by group when a groups file exists) and the
 leakage guard; optionally a GAN trained on the training split and the synthetic set generated
-from it (verified against its manifest); then every arm x seed cell (an EfficientNet trained on
-the arm's training set, early-stopped on the real validation split, evaluated on the real test
-split), and the report. Re-running the same command continues: finished cells are skipped,
+from it (verified against its manifest); then every arm x seed cell (the downstream task's model,
+an EfficientNet classifier for ``task: classification``, trained on the arm's training set,
+early-stopped on the real validation split, evaluated on the real test split), and the report. Re-running the same command continues: finished cells are skipped,
 a cell killed mid-training continues from its last epoch. Output folder::
 
     OUT/config.yaml        the resolved config (a second run must match it, or --overwrite)
     OUT/gan/run/           the GAN stage's run directory (train-gan layout)
     OUT/gan/synthetic/     its synthetic tiles + manifest.csv + source.json
-    OUT/cells/ARM/seedS/   classifier run (best.pt, last.pt, history.json, test_predictions.npz)
+    OUT/cells/ARM/seedS/   the cell's engine run (checkpoints/best.pt, metrics.jsonl) and its test
+                           scores (classification: metrics.json, test_predictions.npz)
     OUT/results.csv        one row per finished cell (appended atomically)
     OUT/summary.json, report.md, report.html, *.png
 
@@ -37,26 +38,20 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from classifier.augment import build_augment  # noqa: E402
-from classifier.data import TileDataset  # noqa: E402
-from classifier.metrics import classification_metrics  # noqa: E402
-from classifier.train import fit, load_best, predict  # noqa: E402
-from experiments.assemble import AssemblyError, assemble, synthetic_counts  # noqa: E402
+from experiments.assemble import assemble, synthetic_counts  # noqa: E402
 from experiments.config import CompareConfig  # noqa: E402
-from experiments.leakage import (LeakageError, check_groups, check_real, file_hashes,  # noqa: E402
-                                 verify_synthetic)
+from experiments.leakage import check_groups, check_real, file_hashes, verify_synthetic  # noqa: E402
 from experiments.report import summarise, write_report  # noqa: E402
 from experiments.splits import SPLITS, resolve_splits  # noqa: E402
 from histosynth import config as configlib  # noqa: E402
-from histosynth.checkpoint import (atomic_write, atomic_write_csv, atomic_write_text,  # noqa: E402
-                                   remove_stale_temps, safe_load, sha256_file)
-from histosynth.cli import register_user_error, run_cli  # noqa: E402
+from histosynth.checkpoint import (atomic_write_csv, atomic_write_text, remove_stale_temps,  # noqa: E402
+                                   safe_load, sha256_file)
+from histosynth.cli import run_cli  # noqa: E402
 from histosynth.data import TileCache, default_cache_dir  # noqa: E402
 from histosynth.images import DataError  # noqa: E402
 from histosynth.paths import OutputExistsError, claim_output_dir, resolve_data_path  # noqa: E402
-from histosynth.runtime import Runtime  # noqa: E402
-
-register_user_error(LeakageError, AssemblyError)
+from histosynth.registry import get_downstream  # noqa: E402
+from histosynth.roles import TileSet  # noqa: E402
 
 SHUFFLE_SALT = 7919
 
@@ -127,9 +122,10 @@ def _cache_dir(cfg: CompareConfig) -> Path:
 
 
 def load_tiles(cfg: CompareConfig, root, progress: bool) -> TileCache:
-    """A folder's tiles at the classifier's size, through the shared disk cache (decoded once:
-    later calls, and the cell workers, reopen it)."""
-    return TileCache.build(root, cfg.classifier.model.image_size, cache_dir=_cache_dir(cfg), progress=progress)
+    """A folder's tiles at the downstream model's size, through the shared disk cache (decoded
+    once: later calls, and the cell workers, reopen it)."""
+    size = get_downstream(cfg.task).image_size(cfg.downstream)
+    return TileCache.build(root, size, cache_dir=_cache_dir(cfg), progress=progress)
 
 
 def load_splits(cfg: CompareConfig, out: Path, progress: bool):
@@ -167,12 +163,14 @@ def needed_per_class(cfg: CompareConfig, real_counts: dict[str, int], source: st
 def gan_stage(cfg: CompareConfig, train_root: Path, out: Path, per_class: int, progress: bool) -> Path:
     """Train the configured GAN on the training split (or continue it) and generate from it."""
     from gans.generate import generate
+    from gans.registry import get_family
     from gans.train_gan import load_config, train_gan
 
     gcfg, _ = load_config(cfg.gan.config, list(cfg.gan.set) + [f"data.root={train_root.resolve()}"])
-    if getattr(gcfg.model, "family", "") == "cyclegan" or gcfg.model.conditioning != "class":
-        raise configlib.ConfigError("gan.config", f"{cfg.gan.config} is not a class-conditional GAN; the "
-                                                  "GAN stage needs one (dcgan.yaml, sngan.yaml, wgan_gp.yaml)")
+    if not get_family(gcfg.model.family).class_conditional(gcfg):
+        raise configlib.ConfigError("gan.config", f"{cfg.gan.config} does not draw tiles of named classes; "
+                                                  "the GAN stage needs a class-conditional generator "
+                                                  "(dcgan.yaml, sngan.yaml, wgan_gp.yaml)")
     run, synth = out / "gan" / "run", out / "gan" / "synthetic"
     ck_path = run / "checkpoints" / "last.pt"
     done = ck_path.is_file() and int(safe_load(ck_path).get("step", -1)) >= gcfg.train.steps
@@ -192,7 +190,7 @@ def gan_stage(cfg: CompareConfig, train_root: Path, out: Path, per_class: int, p
         if info.get("checkpoint_sha256") == sha256_file(ck_path) and counts and min(counts.values()) >= per_class:
             return synth
     generate(run, synth, per_class, seed=cfg.gan.seed, overwrite=True, progress=progress,
-             device=cfg.classifier.train.device)
+             device=gcfg.train.device)
     return synth
 
 
@@ -226,39 +224,23 @@ def reopen_inputs(cfg: CompareConfig, split_roots: dict[str, str], source_roots:
 
 def run_cell(cfg: CompareConfig, arm, arm_index: int, seed: int, caches, sources, out: Path,
              progress: bool) -> dict:
-    train, val, test = caches["train"], caches["val"], caches["test"]
+    """One arm x seed: assemble the arm's training set, let the downstream task train and score
+    it, return the results.csv row."""
+    train = caches["train"]
     counts = synthetic_counts(train.class_counts(), arm.synthetic, f"arms[{arm_index}].synthetic")
     synth = sources[arm.synthetic.source][0] if arm.synthetic.source != "none" else None
-    images, labels, is_syn = assemble(train, synth, counts, seed)
-    if arm.labels == "shuffled":
-        labels = np.random.default_rng(seed + SHUFFLE_SALT).permutation(labels)
-    ds = TileDataset(images, labels, build_augment(arm.augment, seed))
-    ccfg = dataclasses.replace(cfg.classifier, train=dataclasses.replace(
-        cfg.classifier.train, class_weights=arm.class_weights))
+    data = assemble(train, synth, counts, seed)
+    if arm.labels == "shuffled":            # the control: labels (and targets) permuted over tiles
+        perm = np.random.default_rng(seed + SHUFFLE_SALT).permutation(len(data))
+        data = TileSet(data.images, data.labels[perm], data.classes,
+                       None if data.targets is None else data.targets[perm], data.synthetic)
     cell = out / "cells" / arm.name / f"seed{seed}"
     t0 = time.time()
-    res = fit(ccfg, ds, val.images, val.labels, train.classes, cell, seed, arm.sampler, progress,
-              desc=f"{arm.name} seed {seed}")
-    t = cfg.classifier.train
-    rt = Runtime.from_choices(t.device, t.amp, t.channels_last)
-    model, _ = load_best(cell, rt.device)
-    probs = predict(rt.prepare(model), test.images, rt)
-    m = classification_metrics(test.labels, probs, train.classes)
-    atomic_write(cell / "test_predictions.npz",
-                 lambda f: np.savez(f, probs=probs, labels=test.labels, classes=np.array(train.classes)))
-    minority = min(train.class_counts().items(), key=lambda kv: kv[1])[0]
-    row = {"arm": arm.name, "seed": seed, "n_train_real": int((~is_syn).sum()), "n_train_synthetic": int(is_syn.sum()),
-           "epochs_run": res["epochs_run"], "best_epoch": res["best_epoch"],
-           "val_balanced_accuracy": res["best_val_balanced_accuracy"],
-           **{k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auc")},
-           "minority_sensitivity": m["per_class"][minority]["sensitivity"]}
-    for c, pc in m["per_class"].items():
-        row[f"sensitivity:{c}"] = pc["sensitivity"]
-        row[f"specificity:{c}"] = pc["specificity"]
-        row[f"auc:{c}"] = pc["auc"]
-    row["seconds"] = round(time.time() - t0, 1)
-    row["cell_dir"] = str(cell.relative_to(out))
-    return row
+    scores = get_downstream(cfg.task).run_cell(cfg.downstream, arm, seed, data, caches["val"].tileset(),
+                                               caches["test"].tileset(), cell, progress)
+    return {"arm": arm.name, "seed": seed, "n_train_real": int((~data.synthetic).sum()),
+            "n_train_synthetic": int(data.synthetic.sum()), **scores,
+            "seconds": round(time.time() - t0, 1), "cell_dir": str(cell.relative_to(out))}
 
 
 def run_compare(cfg: CompareConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
@@ -306,7 +288,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, overwrite: bool = False, pr
     rows = [dict(r, cell_dir=str(out / r["cell_dir"])) for r in rows
             if r["arm"] in wanted and int(r["seed"]) in seeds]
     train = caches["train"]
-    counts = train.class_counts()
+    task = get_downstream(cfg.task)
     extra = {
         "n_test": len(caches["test"]),
         "seeds": list(cfg.seeds),
@@ -314,17 +296,15 @@ def run_compare(cfg: CompareConfig, out: str | Path, overwrite: bool = False, pr
             "split": f"{splits.method} ({', '.join(f'{s}: {splits.roots[s]}' for s in SPLITS)})",
             **{f"{s} tiles": f"{len(caches[s])} ({', '.join(f'{c} {n}' for c, n in caches[s].class_counts().items())})"
                for s in SPLITS},
-            "classifier": f"{cfg.classifier.model.variant} at {cfg.classifier.model.image_size} px, "
-                          f"weights {cfg.classifier.model.weights or 'none (from scratch)'}, "
-                          f"up to {cfg.classifier.train.epochs} epochs, early stopping patience "
-                          f"{cfg.classifier.train.patience} on validation balanced accuracy",
+            f"downstream ({task.name})": task.describe(cfg.downstream),
             **{f"synthetic source {k}": v[1] for k, v in sources.items()},
         },
         "leakage": leak_info,
     }
-    minority = min(counts.items(), key=lambda kv: kv[1])[0]
-    summary = summarise(rows, cfg.arms, train.classes, minority, cfg.report, extra)
-    write_report(summary, rows, out)
+    extra["classes"] = train.classes
+    extra["minority"] = min(train.class_counts().items(), key=lambda kv: kv[1])[0]
+    summary = summarise(rows, cfg.arms, task.spec, task.chance(train.classes), cfg.report, extra)
+    write_report(summary, rows, out, task.plots)
     return summary
 
 

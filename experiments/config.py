@@ -1,20 +1,24 @@
 """Typed configuration of an ``augment-compare`` run.
 
 Sections: ``data`` (where the real train/val/test splits come from), ``gan`` (optional: train a
-generator on the training split and generate the synthetic set first), ``classifier`` (the
-EfficientNet and its training, shared by every arm), ``arms`` (what differs between arms),
-``seeds``, ``report`` and ``leakage``. Unknown keys, wrong types and out-of-range values fail
-with the dotted key (``arms[2].synthetic.ratio``) and the file or ``--set`` they came from.
+generator on the training split and generate the synthetic set first), ``task`` (the downstream
+task every arm trains: ``classification``) and ``downstream`` (its model and training, shared by
+every arm; typed by the task: :class:`classifier.config.ClassifierConfig` for classification),
+``arms`` (what differs between arms), ``seeds``, ``report`` and ``leakage``. Unknown keys, wrong
+types and out-of-range values fail with the dotted key (``arms[2].synthetic.ratio``,
+``downstream.train.lr``) and the file or ``--set`` they came from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from classifier.config import ClassifierConfig
-from histosynth.config import require
+from histosynth import config as configlib
+from histosynth.config import require, require_choice
+from histosynth.registry import get_downstream
 
 
 @dataclass
@@ -99,9 +103,10 @@ class SyntheticConfig:
 class ArmConfig:
     name: str = "real_only"
     """Identifier of the arm (letters, digits, _, . and -); used in tables, plots and folders."""
-    augment: Literal["none", "flip", "stain", "classic"] = "flip"
-    """Albumentations policy (classifier/augment.py): none | flip (8 symmetries) | stain
-    (flip + H&E stain jitter) | classic (flip + affine + elastic + colour + stain jitter)."""
+    augment: str = "flip_rot90"
+    """Augmentation policy of the downstream task (classification: classifier/augment.py): none |
+    flip (h/v flips: 4 symmetries) | flip_rot90 (all 8 symmetries) | stain (flip_rot90 + H&E stain
+    jitter) | classic (flip_rot90 + affine + elastic + colour + stain jitter)."""
     sampler: Literal["random", "balanced"] = "random"
     """``balanced``: torchsampler's ImbalancedDatasetSampler (classes drawn equally often)."""
     class_weights: Literal["none", "balanced"] = "none"
@@ -119,11 +124,14 @@ class ArmConfig:
 class CompareReportConfig:
     baseline: str = "real_only"
     """The arm every other arm is compared with (paired over seeds)."""
-    test: Literal["t", "wilcoxon"] = "t"
-    """Paired test over seeds: ``t`` (paired t-test) or ``wilcoxon`` (signed-rank; with n seeds
-    its smallest possible two-sided p is 2 / 2^n, so it needs >= 6 seeds to reach p < 0.05)."""
-    primary: Literal["balanced_accuracy", "macro_f1", "auc", "minority_sensitivity"] = "balanced_accuracy"
-    """The metric the verdict is about (all are tabulated)."""
+    test: Literal["t", "wilcoxon", "permutation"] = "t"
+    """Paired test over seeds: ``t`` (paired t-test; where it is undefined because every seed's
+    difference is the same, the sign-flip test is used and the report says so), ``wilcoxon``
+    (signed-rank) or ``permutation`` (exact sign-flip test of the mean difference). With n seeds
+    the smallest two-sided p of the last two is 2 / 2^n: they need >= 6 seeds to reach p < 0.05."""
+    primary: str = "auto"
+    """The metric the verdict is about (all are tabulated); ``auto``: the task's own (balanced
+    accuracy for classification; also macro_f1, auc, minority_sensitivity, accuracy)."""
     alpha: float = 0.05
     """Significance level, applied to Holm-adjusted p-values across the compared arms."""
 
@@ -142,13 +150,32 @@ class LeakageConfig:
 class CompareConfig:
     data: CompareDataConfig = field(default_factory=CompareDataConfig)
     gan: GanStageConfig = field(default_factory=GanStageConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    task: str = "classification"
+    """The downstream task every arm trains (a package with a downstream.py: ``classification``)."""
+    downstream: Any = field(default_factory=dict)
+    """The task's model and training, shared by every arm; keys as the task's config class
+    (classification: ``model`` and ``train`` of classifier/config.py)."""
     arms: list[ArmConfig] = field(default_factory=lambda: [ArmConfig()])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     report: CompareReportConfig = field(default_factory=CompareReportConfig)
     leakage: LeakageConfig = field(default_factory=LeakageConfig)
 
     def __post_init__(self):
+        task = get_downstream(self.task)
+        if not dataclasses.is_dataclass(self.downstream):
+            if not isinstance(self.downstream, dict):
+                raise configlib.ConfigError("downstream", f"is a section; expected a mapping of keys, "
+                                                          f"got {self.downstream!r}")
+            try:
+                self.downstream = configlib.build(task.config, self.downstream)
+            except configlib.ConfigError as e:
+                raise e.located("downstream", None) from None
+        for i, a in enumerate(self.arms):
+            require_choice(a.augment, task.augment_policies, f"arms[{i}].augment",
+                           f"an augmentation policy of the {task.name} task")
+        if self.report.primary == "auto":
+            self.report.primary = task.spec.primary
+        require_choice(self.report.primary, task.spec.names, "report.primary", f"a {task.name} metric")
         require(len(self.arms) >= 1, "arms", "declare at least one arm")
         names = [a.name for a in self.arms]
         dup = sorted({n for n in names if names.count(n) > 1})

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from experiments.splits import group_of
 from histosynth.checkpoint import sha256_file
+from histosynth.errors import UserError
 
 
-class LeakageError(ValueError):
+class LeakageError(UserError, ValueError):
     """Evaluation data could reach training; the message names the files and what to do."""
 
 

@@ -40,7 +40,7 @@ def _worker(index: int, n_workers: int, job: dict, tasks, results) -> None:
     _die_with_parent()
     if torch.cuda.is_available():
         torch.cuda.set_device(index % torch.cuda.device_count())
-    else:   # share the cores out; inside a cell the classifier uses this many threads
+    else:   # share the cores out; inside a cell the downstream model uses this many threads
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
     from experiments.augment_compare import reopen_inputs, run_cell
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from histosynth.config import require, require_choice
-
+from histosynth.roles import Criterion, LRSchedule, Plan
 
 
 @dataclass
@@ -26,9 +26,11 @@ class DataConfig:
     stain_reference: Optional[str] = None
     """Reference tile for Macenko; default: the first tile of the first class."""
     augment: Literal["none", "flip", "flip_rot90"] = "flip_rot90"
-    """Real-image augmentation on the cached tensor each step: flips, or all 8 dihedral
-    symmetries (tissue has no 'up'). This widens the data; DiffAugment (train.diffaugment)
-    is the separate, differentiable augmentation of both real and fake images seen by D."""
+    """Real-image augmentation on the cached tensor each step, named as everywhere in histosynth:
+    ``flip`` (horizontal and vertical flips: 4 of the 8 symmetries of the square) or
+    ``flip_rot90`` (all 8: flips and 90-degree rotations; tissue has no 'up'). This widens the
+    data; DiffAugment (train.diffaugment) is the separate, differentiable augmentation of both
+    real and fake images seen by D."""
     cache: Literal["disk", "memory"] = "disk"
     """``disk``: the decoded uint8 tiles are kept as a memory-mapped .npy in ``cache_dir`` and
     reused by later runs; ``memory``: decoded for this run only."""
@@ -43,7 +45,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     family: str = "sngan"
-    """Registered family: dcgan | sngan | wgan_gp (``gans.list_families()``)."""
+    """A GAN family of gans/families/: dcgan | sngan | wgan_gp (``gans.registry.adversarial_families()``)."""
     conditioning: Literal["class", "none"] = "class"
     """``class``: one model makes every class (class-conditional G, projection D);
     ``none``: unconditional (class folders are still read; labels are ignored)."""
@@ -54,10 +56,9 @@ class ModelConfig:
     values (16-32) make CPU runs fast."""
 
     def __post_init__(self):
-        from gans.registry import list_families
-        import gans  # noqa: F401  (make sure every family is registered)
+        from gans.registry import adversarial_families
 
-        require_choice(self.family, list_families(), "family", "a registered family")
+        require_choice(self.family, adversarial_families(), "family", "a GAN family")
         require(1 <= self.z_dim <= 4096, "z_dim", f"must be in 1..4096, got {self.z_dim}")
         require(1 <= self.ch <= 1024, "ch", f"must be in 1..1024, got {self.ch}")
 
@@ -88,6 +89,9 @@ class TrainConfig:
     """Seeds model init, noise, data order and augmentation; a CPU run is reproducible."""
     checkpoint_every: int = 100
     """Write checkpoints/last.pt every this many steps (and at the end)."""
+    snapshot_every: int = 0
+    """Also keep the weights of every this many steps as checkpoints/step_XXXXXX.pt (gan-generate
+    --checkpoint STEP draws from one); 0: none."""
     sample_every: int = 100
     """Write samples/step_XXXXXX.png every this many steps (and at the end)."""
     log_every: int = 10
@@ -127,9 +131,10 @@ class TrainConfig:
     samples_per_class: int = 8
     """Columns of the sample grid (one row per class, fixed noise)."""
     kid_every: int = 0
-    """Log KID between generated and real tiles to metrics.jsonl every this many steps (and at
-    the end); 0: off. GANs: EMA samples vs real tiles of the same class mix; CycleGAN: G_ab(A)
-    vs B (domain KID). Measured in the pixel feature space (8 x 8 RGB) of metrics.features."""
+    """Evaluate KID between generated and real tiles every this many steps (and at the end), log
+    it to metrics.jsonl and keep the weights of the lowest as checkpoints/best.pt; 0: off. GANs:
+    EMA samples vs real tiles of the same class mix; CycleGAN: G_ab(A) vs B (domain KID).
+    Measured in the pixel feature space (8 x 8 RGB) of metrics.features."""
     kid_samples: int = 256
     """Tiles per side for that KID (fixed noise and fixed real tiles, so values compare)."""
 
@@ -137,6 +142,7 @@ class TrainConfig:
         for key in ("steps", "batch_size", "checkpoint_every", "sample_every", "log_every",
                     "n_dis", "samples_per_class"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(self.snapshot_every >= 0, "snapshot_every", f"must be >= 0 (0: none), got {self.snapshot_every}")
         require(self.lr_g > 0, "lr_g", f"must be > 0, got {self.lr_g}")
         require(self.lr_d > 0, "lr_d", f"must be > 0, got {self.lr_d}")
         require(all(0 <= b < 1 for b in self.betas), "betas", f"each must be in [0, 1), got {self.betas}")
@@ -152,6 +158,16 @@ class TrainConfig:
         bad = [p for p in self.diffaugment.split(",") if p.strip() and p.strip() not in POLICIES]
         require(not bad, "diffaugment", f"unknown policy {', '.join(bad)}; use a comma-separated "
                                         f"subset of {', '.join(POLICIES)} or ''")
+
+    def plan(self, images_per_step: int) -> Plan:
+        """What the engine does when (see :class:`histosynth.roles.Plan`); best.pt is the lowest KID."""
+        return Plan(steps=self.steps, log_every=self.log_every, checkpoint_every=self.checkpoint_every,
+                    visualise_every=self.sample_every, evaluate_every=self.kid_every,
+                    snapshot_every=self.snapshot_every,
+                    criterion=Criterion("kid", "min") if self.kid_every else None,
+                    ema_decay=self.ema_decay, ema_start=self.ema_start,
+                    lr=LRSchedule(self.lr_schedule, decay_start=self.lr_decay_start),
+                    images_per_step=images_per_step)
 
 
 @dataclass

@@ -26,7 +26,9 @@ import piq
 import torch
 from tqdm.auto import tqdm
 
-from gans.translate import load_translators, translate_image
+from gans.families.cyclegan import CycleGANConfig
+from gans.translate import load_translator
+from histosynth import config as configlib
 from histosynth.checkpoint import atomic_write_text
 from histosynth.cli import run_cli
 from histosynth.config import ConfigError
@@ -76,7 +78,8 @@ def _summary(rows: list[dict[str, float]], keys) -> dict[str, dict[str, float]]:
 def evaluate_run(run: str | Path, test_a: str | None = None, test_b: str | None = None,
                  max_images: int | None = None, progress: bool = True) -> dict:
     run = Path(run)
-    gens, cfg, ck, _ = load_translators(run, "ema", resolve_device())
+    translator, ck, _ = load_translator(run, "last", "ema", resolve_device())
+    cfg = configlib.build(CycleGANConfig, ck["config"])
     tile = cfg.eval.tile
     max_images = cfg.eval.max_images if max_images is None else max_images
     if (test_a is None) != (test_b is None):
@@ -95,7 +98,7 @@ def evaluate_run(run: str | Path, test_a: str | None = None, test_b: str | None 
         return items[:max_images] if max_images else items
 
     def translate(direction, rgb):
-        return translate_image(gens[direction], rgb, tile=tile, overlap=tile // 8)
+        return translator.translate(rgb, direction, tile=tile, overlap=tile // 8)
 
     # -- paired: G_ab(A) vs B beside identity / Reinhard / Macenko --------------------------
     pairs, unpaired = pair_by_name(dir_a, dir_b) if not on_train else ([], [])

@@ -17,65 +17,56 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from gans.config import GANConfig
-from gans.loop import RunDirError, generator_state, load_run_checkpoint
-from gans.registry import create_model, list_families
+from gans.registry import load_run
 from histosynth import config as configlib
 from histosynth.checkpoint import atomic_write_csv, atomic_write_text, sha256_file
-from histosynth.cli import register_user_error, run_cli
-from histosynth.data import to_uint8
+from histosynth.cli import run_cli
+from histosynth.engine import RunDirError
 from histosynth.paths import claim_output_dir
+from histosynth.roles import Generator
 from histosynth.runtime import resolve_device
-
-register_user_error(RunDirError)
 
 MANIFEST_FIELDS = ["file", "class", "seed", "checkpoint_sha256", "step", "family", "sha256"]
 
 
-def load_generator(run: str | Path, weights: str = "ema", device: str = "cpu"):
-    """(generator in eval mode, classes, checkpoint dict, checkpoint path) of a GAN run."""
-    ck, ck_path = load_run_checkpoint(run, list_families(),
-                                      f"gan-generate needs one of {', '.join(list_families())}")
-    family = ck["family"]
-    cfg, _, _ = configlib.load(GANConfig, None, base=ck["config"])
-    num_classes = int(ck["extra"]["num_classes"])
-    G, _ = create_model(family, cfg.data.image_size, num_classes, cfg.model.z_dim, cfg.model.ch)
-    G.load_state_dict(generator_state(ck, "G", weights))
-    classes = list(ck["extra"]["classes"]) if num_classes else ["all"]
-    return G.to(device).eval(), classes, ck, ck_path
+def load_generator(run: str | Path, checkpoint: str | int = "last", weights: str = "ema",
+                   device: str = "cpu") -> tuple[Generator, dict, Path]:
+    """The :class:`~histosynth.roles.Generator` of a trained run, its checkpoint and path."""
+    family, role, ck, path = load_run(run, checkpoint, weights, device)
+    if not isinstance(role, Generator):
+        raise RunDirError(f"{run} is a {family.name} run, which translates images rather than drawing "
+                          "tiles; use gan-translate")
+    return role, ck, path
 
 
-@torch.no_grad()
 def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
              weights: str = "ema", batch_size: int = 64, overwrite: bool = False,
-             device: str = "auto", progress: bool = True) -> Path:
+             device: str = "auto", progress: bool = True, checkpoint: str | int = "last") -> Path:
     """Write ``per_class`` tiles of every class into ``out``; returns the manifest path."""
     if per_class < 1:
         raise configlib.ConfigError("--per-class", f"must be >= 1, got {per_class}")
-    dev = resolve_device(device)
-    G, classes, ck, ck_path = load_generator(run, weights, dev)
+    if batch_size < 1:
+        raise configlib.ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
+    gen, ck, ck_path = load_generator(run, checkpoint, weights, resolve_device(device))
     out = claim_output_dir(out, overwrite)
     ck_sha = sha256_file(ck_path)
-    jobs = [(c, j, seed + ci * per_class + j) for ci, c in enumerate(classes) for j in range(per_class)]
+    classes = gen.classes
+    jobs = [(ci, c, j, seed + ci * per_class + j) for ci, c in enumerate(classes) for j in range(per_class)]
     rows = []
     bar = tqdm(total=len(jobs), desc="generating", unit="tile", disable=not progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        z = torch.stack([torch.randn(G.z_dim, generator=torch.Generator().manual_seed(s))
-                         for _, _, s in chunk]).to(dev)
-        y = (torch.tensor([classes.index(c) for c, _, _ in chunk], device=dev)
-             if G.num_classes else None)
-        imgs = to_uint8(G(z, y)).permute(0, 2, 3, 1).cpu().numpy()   # B x S x S x 3
-        for (c, j, s), img in zip(chunk, imgs):
+        imgs = gen.sample([ci for ci, _, _, _ in chunk], [s for _, _, _, s in chunk])
+        imgs = imgs.permute(0, 2, 3, 1).numpy()                      # B x S x S x 3 uint8
+        for (_, c, j, s), img in zip(chunk, imgs):
             rel = Path(c) / f"{c}_{j:05d}.png"
             (out / c).mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(out / rel)
             rows.append({"file": rel.as_posix(), "class": c, "seed": s, "checkpoint_sha256": ck_sha,
-                         "step": int(ck["step"]), "family": ck["family"],
+                         "step": int(ck["step"]), "family": ck["task"],
                          "sha256": sha256_file(out / rel)})
         bar.update(len(chunk))
     bar.close()
@@ -87,7 +78,7 @@ def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
 
 def _source(run: str | Path, ck: dict, ck_sha: str) -> dict:
     """Provenance of a synthetic set: the generator's run and the sha256 of its training files."""
-    info = {"run": str(Path(run).resolve()), "family": ck["family"], "step": int(ck["step"]),
+    info = {"run": str(Path(run).resolve()), "family": ck["task"], "step": int(ck["step"]),
             "checkpoint_sha256": ck_sha}
     data_json = Path(run) / "data.json"
     if data_json.is_file():
@@ -107,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="first noise seed (tile k uses seed + k)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema",
                    help="EMA generator (default) or the raw trained weights")
+    p.add_argument("--checkpoint", default="last", metavar="last|best|STEP",
+                   help="which checkpoint of the run: last (default), best (lowest KID, when the run "
+                        "evaluated it) or a snapshot's step")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -115,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def _run() -> int:
         manifest = generate(args.run, args.out, args.per_class, args.seed, args.weights,
-                            args.batch_size, args.overwrite, args.device, not args.no_progress)
+                            args.batch_size, args.overwrite, args.device, not args.no_progress,
+                            args.checkpoint)
         print(f"gan-generate: wrote {args.per_class} tiles per class to {args.out}; manifest {manifest}")
         return 0
 

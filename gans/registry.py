@@ -1,60 +1,101 @@
-"""Registry of model families and the ``create_model`` factory (timm style).
+"""The registry of generator families: every module of ``gans/families/`` that defines ``FAMILY``.
 
-A family file registers itself with ``@register_family``; importing :mod:`gans` imports every
-family file, so ``list_families()`` is complete. A family knows how to build its networks and
-which loss its paper used (``default_loss``, used when the config says ``loss.type: auto``).
+A :class:`Family` carries what ``train-gan``, ``gan-generate``, ``gan-translate`` and
+``augment-compare`` need, so none of them names a family: its typed config class, how to decode
+its training data and record its provenance, how to build its :class:`~histosynth.roles.Task`,
+and what a trained checkpoint becomes (a :class:`~histosynth.roles.Generator` that draws tiles or
+a :class:`~histosynth.roles.Translator` that maps images). Adversarial families (DCGAN, SNGAN,
+WGAN-GP) share the class-conditional GAN task of :mod:`gans.adversarial` and differ in their
+networks and paper loss (``networks``, ``default_loss``).
+
+Adding a family: one module in ``gans/families/`` (networks, and a config class if it needs its
+own keys) defining ``FAMILY``, plus its YAML in ``configs/``. The tests are parametrized over this
+registry.
 """
 
 from __future__ import annotations
 
-import difflib
+import functools
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch.nn as nn
+
+from histosynth.config import require_choice
+from histosynth.engine import RunDir, load_checkpoint
+from histosynth.registry import discover
+from histosynth.roles import Generator, Task, Translator
+from histosynth.runtime import Runtime
 
 RESOLUTIONS = (32, 64, 128)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Family:
     name: str
-    build: Callable[..., tuple[nn.Module, nn.Module]]  # (image_size, num_classes, z_dim, ch) -> (G, D)
-    default_loss: str
     paper: str
+    config: type
+    """The typed config class of a run of this family (``train-gan`` builds it from the YAML)."""
+    load_data: Callable[[Any, bool], Any]
+    """(config, progress) -> the decoded training data (rank 0 decodes first under torchrun)."""
+    provenance: Callable[[Any, Any], dict]
+    """(config, data) -> RUN/data.json: roots, counts, skipped files, sha256 of every training file."""
+    build_task: Callable[[Any, Any, Runtime], Task]
+    """(config, data, runtime) -> the task the engine trains."""
+    from_checkpoint: Callable[[dict, str, Any], Generator | Translator]
+    """(checkpoint, weights 'ema' | 'raw', device) -> what the trained run does."""
+    class_conditional: Callable[[Any], bool] = lambda cfg: False
+    """Does a run of this config draw tiles of named classes (what augment-compare's GAN stage needs)?"""
+    finish: Callable[[Path, bool], dict] | None = None
+    """(run dir, progress) -> called on rank 0 after training (CycleGAN: its evaluation)."""
+    networks: Callable[..., tuple[nn.Module, nn.Module]] | None = None
+    """Adversarial families: (image_size, num_classes, z_dim, ch) -> (G, D)."""
+    default_loss: str | None = None
+    """Adversarial families: the paper's loss, used for ``loss.type: auto``."""
 
 
-_FAMILIES: dict[str, Family] = {}
-
-
-def register_family(name: str, default_loss: str, paper: str):
-    def deco(fn: Callable[..., tuple[nn.Module, nn.Module]]):
-        if name in _FAMILIES:
-            raise ValueError(f"model family {name!r} is registered twice")
-        _FAMILIES[name] = Family(name, fn, default_loss, paper)
-        return fn
-    return deco
+@functools.cache
+def families() -> dict[str, Family]:
+    return discover("gans.families", "FAMILY")
 
 
 def list_families() -> list[str]:
-    return sorted(_FAMILIES)
+    return sorted(families())
 
 
-def get_family(name: str) -> Family:
-    if name not in _FAMILIES:
-        close = difflib.get_close_matches(name, list(_FAMILIES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown model family {name!r}{hint} (registered: {', '.join(list_families())})")
-    return _FAMILIES[name]
+def adversarial_families() -> list[str]:
+    """The families trained by the class-conditional GAN task (the ones with G/D networks)."""
+    return sorted(n for n, f in families().items() if f.networks is not None)
+
+
+def get_family(name: str, key: str = "model.family") -> Family:
+    require_choice(name, list_families(), key, "a registered family")
+    return families()[name]
 
 
 def create_model(family: str, image_size: int = 64, num_classes: int = 0, z_dim: int = 128,
                  ch: int = 64) -> tuple[nn.Module, nn.Module]:
-    """(generator, discriminator) of ``family``; ``num_classes=0`` makes them unconditional.
+    """(generator, discriminator) of an adversarial ``family``; ``num_classes=0``: unconditional.
 
     The generator maps ``(z: B x z_dim, y: B or None)`` to ``B x 3 x S x S`` in [-1, 1]; the
     discriminator maps ``(x, y)`` to one logit per image.
     """
+    require_choice(family, adversarial_families(), "model.family", "a family with G/D networks")
     if image_size not in RESOLUTIONS:
         raise ValueError(f"image_size {image_size} is not supported; choose one of {RESOLUTIONS}")
-    return get_family(family).build(image_size=image_size, num_classes=num_classes, z_dim=z_dim, ch=ch)
+    return families()[family].networks(image_size=image_size, num_classes=num_classes, z_dim=z_dim, ch=ch)
+
+
+def load_run(run: str | Path, checkpoint: str | int = "last", weights: str = "ema",
+             device: Any = "cpu") -> tuple[Family, Generator | Translator, dict, Path]:
+    """A trained run as its family, what it does (Generator or Translator), the checkpoint and
+    its path. ``checkpoint``: ``last``, ``best`` or a snapshot's step."""
+    from histosynth.engine import RunDirError
+    run_dir = RunDir(Path(run))
+    if not run_dir.config.is_file():
+        raise RunDirError(f"{run} is not a histosynth run directory (no config.yaml)")
+    path = run_dir.checkpoint(checkpoint)
+    ck = load_checkpoint(path, families(), f"it is not a generator family ({', '.join(list_families())})")
+    family = families()[ck["task"]]
+    return family, family.from_checkpoint(ck, weights, device), ck, path

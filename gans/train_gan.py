@@ -20,106 +20,56 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python gans/train_gan.py` without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gans.config import GANConfig  # noqa: E402
-from gans.cyclegan import CycleGANConfig  # noqa: E402
-from gans.loop import NonFiniteLossError, RunDirError, RunPaths, prepare_run_dir, run_training  # noqa: E402
+from gans.registry import get_family  # noqa: E402
 from histosynth import config as configlib  # noqa: E402
-from histosynth.cli import register_user_error, run_cli  # noqa: E402
-from histosynth.checkpoint import atomic_write_text, sha256_file  # noqa: E402
-from histosynth.data import TileCache, default_cache_dir  # noqa: E402
+from histosynth import engine  # noqa: E402
+from histosynth.checkpoint import atomic_write_text  # noqa: E402
+from histosynth.cli import run_cli  # noqa: E402
 from histosynth.distributed import setup as setup_distributed  # noqa: E402
-from histosynth.images import native_size  # noqa: E402
-from histosynth.paths import resolve_data_path  # noqa: E402
-from histosynth.runtime import resolve_device  # noqa: E402
-
-register_user_error(RunDirError, NonFiniteLossError)
-
-
-def _cache_dir(d) -> Path | None:
-    if d.cache != "disk":
-        return None
-    return Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
-
-
-def load_data(cfg: GANConfig, progress: bool = True) -> TileCache:
-    d = cfg.data
-    ref = str(resolve_data_path(d.stain_reference)) if d.stain_reference else None
-    return TileCache.build(resolve_data_path(d.root), d.image_size, d.stain_norm, ref,
-                           _cache_dir(d), progress=progress)
-
-
-def load_domains(cfg: CycleGANConfig, progress: bool = True) -> tuple[TileCache, TileCache]:
-    """The two unpaired CycleGAN domains, cached at ``data.load_size`` (0: native size)."""
-    d = cfg.data
-    out = []
-    for key in ("root_a", "root_b"):
-        root = resolve_data_path(getattr(d, key))
-        size = d.load_size or native_size(root)
-        if size < d.image_size:
-            raise configlib.ConfigError("data.image_size", f"{d.image_size} is larger than the "
-                                        f"images of data.{key} ({size} px); lower it")
-        out.append(TileCache.build(root, size, cache_dir=_cache_dir(d), progress=progress, layout="flat"))
-    return out[0], out[1]
-
-
-def config_class(family: str):
-    """CycleGAN has its own sections (two domains, cycle losses); every other family is a GAN."""
-    return CycleGANConfig if family == "cyclegan" else GANConfig
+from histosynth.runtime import Runtime, resolve_device  # noqa: E402
 
 
 def load_config(path, overrides: list[str], base: dict | None = None):
-    """Read a config (file or mapping), apply --set, build the config class its family needs."""
+    """Read a config (file or mapping), apply --set, build the config class of its family."""
     resolved = configlib.resolve_config_path(path) if path is not None else None
     raw = configlib.read_yaml(resolved) if resolved is not None else dict(base or {})
     touched = configlib.apply_overrides(raw, overrides)
     model = raw.get("model")
-    family = model.get("family", "sngan") if isinstance(model, dict) else "sngan"
-    cfg = configlib.build(config_class(str(family)), raw, str(resolved) if resolved else None, touched)
+    name = model.get("family", "sngan") if isinstance(model, dict) else "sngan"
+    source = "--set" if "model.family" in touched else (str(resolved) if resolved else None)
+    try:
+        family = get_family(str(name))
+    except configlib.ConfigError as e:
+        raise configlib.ConfigError(e.key, e.msg, source) from None
+    cfg = configlib.build(family.config, raw, str(resolved) if resolved else None, touched)
     return cfg, resolved
 
 
-def train_gan(cfg: GANConfig | CycleGANConfig, out: str | Path, resume: bool = False,
-              overwrite: bool = False, progress: bool = True) -> dict:
-    """Train ``cfg`` into run directory ``out``; returns the loop's summary.
+def train_gan(cfg, out: str | Path, resume: bool = False, overwrite: bool = False,
+              progress: bool = True) -> dict:
+    """Train ``cfg`` (any registered family) into run directory ``out``; returns the engine's summary.
 
     Under ``torchrun`` every process calls this; rank 0 claims the folder, decodes the data
     first (the others then read its cache) and writes the files."""
-    dist = setup_distributed(resolve_device(cfg.train.device).type)
+    family = get_family(cfg.model.family)
+    t = cfg.train
+    dist = setup_distributed(resolve_device(t.device).type)
     if dist.main:
-        paths = prepare_run_dir(out, resume, overwrite)
+        run = engine.prepare_run_dir(out, resume, overwrite)
         if not resume:  # first thing in the folder: a kill from here on can be continued with --resume
-            atomic_write_text(paths.config, configlib.dump_yaml(cfg))
+            atomic_write_text(run.config, configlib.dump_yaml(cfg))
     dist.barrier()
-    if not dist.main:
-        paths = RunPaths(Path(out))
+    run = engine.RunDir(Path(out))
     progress = progress and dist.main
-    if isinstance(cfg, CycleGANConfig):
-        from gans.cyclegan import CycleGANTask
-        from gans.cyclegan_eval import evaluate_run
-
-        data_a, data_b = _rank0_first(dist, lambda: load_domains(cfg, progress))
-        if dist.main:
-            _write_data_json(paths, {"root_a": str(resolve_data_path(cfg.data.root_a)), "count_a": len(data_a),
-                                     "skipped_a": data_a.skipped,
-                                     "root_b": str(resolve_data_path(cfg.data.root_b)), "count_b": len(data_b),
-                                     "skipped_b": data_b.skipped})
-        summary = run_training(cfg, lambda c, rt: CycleGANTask(c, data_a, data_b, rt), paths,
-                               "cyclegan", resume=resume, progress=progress)
-        if dist.main:
-            summary["eval"] = evaluate_run(paths.root, progress=progress)
-        return summary
-    from gans.losses import GANTask
-
-    data = _rank0_first(dist, lambda: load_data(cfg, progress))
-    root = resolve_data_path(cfg.data.root)
-    # sha256 of every training file: gan-generate copies them into the synthetic set's
-    # source.json, so augment-compare can prove no validation/test image trained the generator
+    data = _rank0_first(dist, lambda: family.load_data(cfg, progress))
     if dist.main:
-        _write_data_json(paths, {"root": str(root.resolve()), "classes": data.classes,
-                                 "counts": data.class_counts(), "skipped": data.skipped,
-                                 "files_sha256": {f: sha256_file(root / f) for f in data.files}})
-    return run_training(cfg, lambda c, rt: GANTask(c, data, rt), paths, cfg.model.family,
-                        resume=resume, progress=progress)
+        atomic_write_text(run.root / "data.json", json.dumps(family.provenance(cfg, data), indent=1))
+    rt = Runtime.from_choices(t.device, t.amp, t.channels_last, cpu_fast_path=True)
+    summary = engine.train(family.name, cfg, lambda rt: family.build_task(cfg, data, rt), run, rt,
+                           seed=t.seed, resume=resume, progress=progress)
+    if family.finish is not None and dist.main:
+        summary["eval"] = family.finish(run.root, progress)
+    return summary
 
 
 def _rank0_first(dist, build):
@@ -128,10 +78,6 @@ def _rank0_first(dist, build):
         out = build()
     dist.barrier()
     return out if dist.main else build()
-
-
-def _write_data_json(paths, info: dict) -> None:
-    atomic_write_text(paths.root / "data.json", json.dumps(info, indent=1))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -153,7 +99,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.cfg:
             raise configlib.ConfigError("", "--resume uses the run's own config.yaml; drop --cfg "
                                             "(use --set to change a key, e.g. train.steps)")
-        prepare_run_dir(args.resume, resume=True, overwrite=False)   # is it a run at all?
+        engine.prepare_run_dir(args.resume, resume=True, overwrite=False)   # is it a run at all?
         cfg, _ = load_config(Path(args.resume) / "config.yaml", args.set)
         out = args.resume
     else:
@@ -169,8 +115,9 @@ def _main(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")):         # torchrun: rank 0 reports
         return 0
     last = ", ".join(f"{k} {v:.4g}" for k, v in summary["last"].items() if k in ("loss_d", "loss_g"))
+    best = f"; best KID {summary['best']:.4g} at step {summary['best_step']}" if summary["best"] is not None else ""
     print(f"train-gan: finished step {summary['step']} in {summary['seconds']:.0f} s on "
-          f"{summary['device']} ({last}); run directory: {out}")
+          f"{summary['device']} ({last}{best}); run directory: {out}")
     return 0
 
 

@@ -9,8 +9,10 @@ from typing import IO, Any, Callable
 
 import torch
 
+from histosynth.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable, unsafe or of another model; the message says which."""
 
 

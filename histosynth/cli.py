@@ -6,21 +6,17 @@ import sys
 import warnings
 from typing import Callable
 
-from histosynth.checkpoint import CheckpointError
-from histosynth.config import ConfigError
-from histosynth.images import DataError
-from histosynth.paths import OutputExistsError
-from histosynth.runtime import NonFiniteLossError
+from histosynth.errors import UserError
 
-# Errors a user can fix; each message says what to change. Anything else is a bug: traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError,
-                                                OutputExistsError, NonFiniteLossError, FileNotFoundError,
-                                                NotADirectoryError)
+# Errors a user can fix; each message says what to change. Every project error of that kind
+# derives from UserError (histosynth/errors.py); the two OS errors are a missing path. Anything
+# else is a bug: traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, NotADirectoryError)
 
 
 # the key to lower when a command runs out of memory
 BATCH_KEYS = {"train-gan": "train.batch_size (--set train.batch_size=N)",
-              "augment-compare": "classifier.train.batch_size (--set classifier.train.batch_size=N)",
+              "augment-compare": "downstream.train.batch_size (--set downstream.train.batch_size=N)",
               "gan-generate": "--batch-size", "gan-translate": "--tile", "piq-report": "--size",
               "gan-eval": "--max-images"}
 
@@ -30,17 +26,20 @@ def _is_cuda_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e)
 
 
-def register_user_error(*types: type[BaseException]) -> None:
-    global USER_ERRORS
-    USER_ERRORS = USER_ERRORS + tuple(t for t in types if t not in USER_ERRORS)
-
-
 def run_cli(prog: str, fn: Callable[[], int | None]) -> int:
-    """Call ``fn``; a user error prints ``prog: error: ...`` on one line and returns 2."""
+    """Call ``fn``; a user error prints ``prog: error: ...`` on one line and returns 2.
+
+    While ``fn`` runs, warnings print as ``prog: warning: ...``; the caller's warning display is
+    restored afterwards (the CLI functions are also called from Python and from tests)."""
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"{prog}: warning: {message}", file=sys.stderr)
 
-    warnings.showwarning = show
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        return _run(prog, fn)
+
+
+def _run(prog: str, fn: Callable[[], int | None]) -> int:
     try:
         return int(fn() or 0)
     except USER_ERRORS as e:

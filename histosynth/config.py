@@ -25,13 +25,15 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from histosynth.errors import UserError
+
 T = TypeVar("T")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is unknown, of the wrong type or out of range.
 
     ``key`` is the dotted name (``train.steps``); ``source`` the file or ``--set``.

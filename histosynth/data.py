@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from histosynth.checkpoint import atomic_fill, atomic_write_text
+from histosynth.roles import TileSet
 from histosynth.stain import MacenkoStain
 from histosynth.images import (DataError, UnreadableImage, open_rgb, scan_flat_folder,
                                scan_image_folder, warn_skipped)
@@ -34,6 +35,13 @@ CACHE_VERSION = 1
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("HISTOSYNTH_CACHE", Path.home() / ".cache" / "histosynth"))
+
+
+def cache_dir_of(data_cfg) -> Path | None:
+    """The disk cache a config's ``data`` section asks for (``cache``, ``cache_dir``); None: memory."""
+    if data_cfg.cache != "disk":
+        return None
+    return Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else default_cache_dir()
 
 
 def square_resize(img: Image.Image, size: int) -> np.ndarray:
@@ -53,9 +61,14 @@ class TileCache:
     files: list[str]
     skipped: list[tuple[str, str]]
     key: str = ""               # identifies the decoded content (files, sizes, times, settings)
+    targets: np.ndarray | None = None   # per-tile targets of any shape (N x ...), e.g. masks
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def tileset(self) -> TileSet:
+        """The tiles as a downstream task trains on them (all real)."""
+        return TileSet(self.images, self.labels, list(self.classes), self.targets, np.zeros(len(self), bool))
 
     def batches(self, batch: int = 256):
         """``(start, B x 3 x S x S uint8)`` over every tile in order. A memory-mapped cache is read

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from histosynth.errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
@@ -29,7 +31,7 @@ class UnreadableImage(Exception):
     """An image file that cannot be decoded; the message says why."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data folder is missing, empty or has an empty class; the message says what to fix."""
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from histosynth.checkpoint import remove_stale_temps
 from histosynth.config import PROJECT_ROOT
+from histosynth.errors import UserError
 
 
 def resolve_data_path(path: str | Path) -> Path:
@@ -19,7 +20,7 @@ def resolve_data_path(path: str | Path) -> Path:
     return alt.resolve() if alt.exists() else p
 
 
-class OutputExistsError(RuntimeError):
+class OutputExistsError(UserError, RuntimeError):
     """An output folder already holds files and the user did not ask to replace them."""
 
 

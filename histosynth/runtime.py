@@ -9,8 +9,10 @@ from typing import Callable
 
 import torch
 
+from histosynth.errors import UserError
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(UserError, RuntimeError):
     """A loss became NaN or Inf; training stopped and the last good checkpoint was kept."""
 
 

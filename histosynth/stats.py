@@ -51,9 +51,37 @@ def t_interval(values, level: float = 0.95) -> dict[str, float]:
     return {"n": n, "mean": mean, "std": sd, "ci_low": mean - half, "ci_high": mean + half}
 
 
+def sign_flip_test(d, max_exact: int = 16, draws: int = 100_000, seed: int = 0) -> float:
+    """Two-sided p of the paired sign-flip permutation test of mean(d) = 0: under the null every
+    difference is as likely negative as positive, so p is the share of the 2^n sign patterns whose
+    |mean| is at least the observed one (exact up to ``max_exact`` pairs, else ``draws`` seeded
+    random patterns). Defined for any n >= 1 and any variance; its smallest value is 2 / 2^n."""
+    d = np.asarray(d, dtype=np.float64)
+    n = d.size
+    if n == 0:
+        return float("nan")
+    observed = abs(d.mean())
+    if n <= max_exact:
+        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)      # 2^n x n of +-1
+    else:
+        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(draws, n))
+    means = np.abs((signs * d).mean(axis=1))
+    return float(np.mean(means >= observed - 1e-12 * max(1.0, observed)))
+
+
+PAIRED_TESTS = {"t": "paired t-test", "wilcoxon": "Wilcoxon signed-rank",
+                "permutation": "sign-flip permutation test"}
+
+
 def paired_test(a, b, test: str = "t", level: float = 0.95) -> dict[str, float]:
     """Paired comparison of ``a`` with ``b`` (same seeds, same order): the mean difference a - b,
-    its t interval and the two-sided p of a paired t-test (``t``) or Wilcoxon signed-rank test."""
+    its t interval and the two-sided p of a paired t-test (``t``), a Wilcoxon signed-rank test
+    or an exact sign-flip permutation test (``permutation``).
+
+    Where the chosen test is undefined -- every difference equal and non-zero (zero variance, e.g.
+    two seeds on a small test split): the t statistic is infinite, not significant -- the
+    sign-flip test is used instead and ``test`` says so. Fewer than two pairs: p is NaN (not
+    testable). All differences zero: p = 1."""
     from scipy import stats
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -61,14 +89,19 @@ def paired_test(a, b, test: str = "t", level: float = 0.95) -> dict[str, float]:
     d = a[ok] - b[ok]
     out = t_interval(d, level)
     out = {"n": out["n"], "mean_diff": out["mean"], "ci_low": out["ci_low"], "ci_high": out["ci_high"],
-           "test": "paired t-test" if test == "t" else "Wilcoxon signed-rank", "p": float("nan")}
-    if d.size >= 2:
-        if np.allclose(d, 0):
-            out["p"] = 1.0
-        elif test == "t":
-            out["p"] = float(stats.ttest_rel(a[ok], b[ok]).pvalue) if d.std() > 0 else 0.0
-        else:
-            out["p"] = float(stats.wilcoxon(d).pvalue)
+           "test": PAIRED_TESTS[test], "p": float("nan")}
+    if d.size < 2:
+        return out
+    if np.allclose(d, 0):
+        out["p"] = 1.0
+    elif test == "permutation" or (test == "t" and np.allclose(d, d[0])):
+        if test != "permutation":
+            out["test"] = f"{PAIRED_TESTS['permutation']} (the t-test is undefined: every difference equal)"
+        out["p"] = sign_flip_test(d)
+    elif test == "t":
+        out["p"] = float(stats.ttest_rel(a[ok], b[ok]).pvalue)
+    else:
+        out["p"] = float(stats.wilcoxon(d).pvalue)
     return out
 
 

@@ -32,6 +32,8 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 def _state_dict(path: str | Path) -> dict:
     obj = safe_load(path)
+    if isinstance(obj.get("modules"), dict) and "model" in obj["modules"]:   # a histosynth classifier
+        return obj["modules"]["model"]
     for key in ("state_dict", "model"):
         if key in obj and isinstance(obj[key], dict):
             return obj[key]

@@ -19,6 +19,7 @@ import numpy as np
 
 from histosynth import config as configlib
 from histosynth.checkpoint import safe_load
+from histosynth.engine import RunDir, load_checkpoint
 from histosynth.data import TileCache, default_cache_dir
 
 SETTINGS = ["model.image_size=64", "model.bn_momentum=0.5", "train.epochs=15", "train.lr=2e-3",
@@ -33,7 +34,7 @@ def histology_weights(train_root: str | Path, progress: bool = True, epochs: int
     from classifier.augment import build_augment
     from classifier.config import ClassifierConfig
     from classifier.data import TileDataset
-    from classifier.train import fit
+    from classifier.train import checkpoint_info, fit
 
     sets = SETTINGS + ([f"train.epochs={epochs}", f"train.min_epochs={min(8, epochs)}"] if epochs else [])
     cfg = configlib.load(ClassifierConfig, None, sets)[0]
@@ -42,23 +43,28 @@ def histology_weights(train_root: str | Path, progress: bool = True, epochs: int
         raise ValueError(f"{train_root} has one class; the histology extractor learns from class "
                          "folders (give --train a class-folder tree, or use --extractor pixels)")
     tag = hashlib.sha256(json.dumps([tiles.key, sets]).encode()).hexdigest()[:16]
-    run = default_cache_dir() / f"histology-{tag}"
-    best = run / "best.pt"
-    if not (run / "history.json").is_file():
+    run = RunDir(default_cache_dir() / f"histology-{tag}")
+    if not run.best.is_file() or not _finished(run):
         idx = np.arange(len(tiles))
         n_val = max(len(tiles.classes), round(0.15 * len(idx)))
         tr, va = train_test_split(idx, test_size=n_val, stratify=tiles.labels, random_state=0)
         ds = TileDataset(np.asarray(tiles.images)[tr], tiles.labels[tr], build_augment("stain", 0))
-        fit(cfg, ds, np.asarray(tiles.images)[va], tiles.labels[va], tiles.classes, run, seed=0,
-            progress=progress, desc="histology extractor")
-    ck = safe_load(best)
+        fit(cfg, ds, np.asarray(tiles.images)[va], tiles.labels[va], tiles.classes, run.root, seed=0,
+            progress=progress, desc="histology extractor", keep_final_state=False)
+    ck = checkpoint_info(load_checkpoint(run.best))
     note = (f"trained here on {train_root} ({len(tiles)} tiles, {len(tiles.classes)} classes; "
             f"held-out balanced accuracy {ck['val_balanced_accuracy']:.3f} at epoch {ck['epoch']})")
-    return best, note
+    return run.best, note
+
+
+def _finished(run: RunDir) -> bool:
+    """Did the extractor's training end (its last.pt kept as the finished run's record)?"""
+    return run.last.is_file() and "optimizers" not in safe_load(run.last)
 
 
 def learned(ck: dict) -> bool:
     """Did the extractor's classifier beat chance clearly on its held-out tiles? (a quarter of
-    the way from chance to perfect; below that its feature space is not about tissue)"""
+    the way from chance to perfect; below that its feature space is not about tissue). ``ck``: a
+    classifier checkpoint's info (:func:`classifier.train.checkpoint_info`)."""
     chance = 1.0 / len(ck["classes"])
     return float(ck["val_balanced_accuracy"]) >= chance + 0.25 * (1.0 - chance)

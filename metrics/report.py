@@ -35,8 +35,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from histosynth.checkpoint import atomic_save, atomic_write_csv, atomic_write_text, safe_load
-from histosynth.cli import register_user_error, run_cli
+from classifier.train import checkpoint_info
+from histosynth.checkpoint import CheckpointError, atomic_save, atomic_write_csv, atomic_write_text, safe_load
+from histosynth.engine import load_checkpoint
+from histosynth.cli import run_cli
+from histosynth.errors import UserError
 from histosynth.data import TileCache, default_cache_dir
 from histosynth.paths import claim_output_dir
 from histosynth.runtime import resolve_device
@@ -49,11 +52,9 @@ from metrics.full_reference import FULL_REFERENCE, paired_folder_scores
 from metrics.memorisation import memorisation
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     """The report cannot be written as asked; the message says what to change."""
 
-
-register_user_error(ReportError)
 
 DIST_KEYS = ("fid", "kid", "precision", "recall", "density", "coverage")
 
@@ -75,13 +76,14 @@ def make_extractor(name: str, weights: str | None, train: str | None = None, pro
         return PixelExtractor()
     if name == "histology":
         if weights:          # a histosynth classifier checkpoint (variant and input size inside)
-            ck = safe_load(weights)
-            if "variant" not in ck or "model" not in ck:
-                raise ReportError(f"{weights} is not a histosynth classifier checkpoint (best.pt of "
-                                  "augment-compare or of this extractor); use --extractor efficientnet "
-                                  "for a plain EfficientNet state dict")
-            return EfficientNetExtractor(weights, ck["variant"], int(ck["image_size"]),
-                                         note=f"classifier checkpoint, classes {', '.join(ck['classes'])}")
+            try:
+                info = checkpoint_info(load_checkpoint(weights, {"classifier": None}, ""))
+            except CheckpointError:
+                raise ReportError(f"{weights} is not a histosynth classifier checkpoint (checkpoints/best.pt "
+                                  "of an augment-compare cell or of this extractor); use --extractor "
+                                  "efficientnet for a plain EfficientNet state dict") from None
+            return EfficientNetExtractor(weights, info["variant"], int(info["image_size"]),
+                                         note=f"classifier checkpoint, classes {', '.join(info['classes'])}")
         if not train:
             raise ReportError("--extractor histology needs --train (the real training split it learns "
                               "tissue from) or --weights (a histosynth classifier best.pt)")
@@ -90,7 +92,7 @@ def make_extractor(name: str, weights: str | None, train: str | None = None, pro
             best, note = histology_weights(train, progress)
         except ValueError as e:
             raise ReportError(str(e)) from None
-        ck = safe_load(best)
+        ck = checkpoint_info(load_checkpoint(best))
         if not learned(ck):
             msg = (f"the histology extractor did not learn to tell the classes of {train} apart "
                    f"(held-out balanced accuracy {ck['val_balanced_accuracy']:.3f}, chance "

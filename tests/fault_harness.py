@@ -102,9 +102,9 @@ def _cyclegan_job():
 
 def _compare_job(arms: str, seeds: str, epochs: int):
     sets = [f"data.root={TILES}", "data.split=stratified", "gan.config=null", f"arms={arms}", f"seeds={seeds}",
-            "classifier.model.image_size=32", "classifier.model.bn_momentum=0.5", "classifier.train.batch_size=8",
-            f"classifier.train.epochs={epochs}", "classifier.train.patience=0", "classifier.train.min_epochs=0",
-            "classifier.train.device=cpu"]
+            "downstream.model.image_size=32", "downstream.model.bn_momentum=0.5", "downstream.train.batch_size=8",
+            f"downstream.train.epochs={epochs}", "downstream.train.patience=0", "downstream.train.min_epochs=0",
+            "downstream.train.device=cpu"]
 
     def start(out):
         return [sys.executable, "-m", "experiments.augment_compare", "--cfg", "compare_demo", "--out", str(out),
@@ -131,12 +131,13 @@ def _gan_final(out: Path) -> dict:
 
 def _compare_final(out: Path) -> dict:
     from histosynth.checkpoint import safe_load
+    from histosynth.engine import RunDir
     rows = sorted(csv.DictReader(open(out / "results.csv")), key=lambda r: (r["arm"], int(r["seed"])))
     tensors, history = {}, {}
     for r in rows:
-        cell = out / r["cell_dir"]
-        tensors.update({f"{r['cell_dir']}.{k}": v for k, v in safe_load(cell / "best.pt")["model"].items()})
-        history[r["cell_dir"]] = safe_load(cell / "last.pt")["state"]["history"]
+        cell = RunDir(out / r["cell_dir"])
+        tensors.update({f"{r['cell_dir']}.{k}": v for k, v in safe_load(cell.best)["modules"]["model"].items()})
+        history[r["cell_dir"]] = safe_load(cell.last)["engine"]["history"]
     metrics = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     return {"step": len(rows), "tensors": tensors, "history": history, "metrics": metrics}
 

@@ -68,8 +68,8 @@ def _tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
-COMPARE_FAST = ["classifier.model.image_size=32", "classifier.train.batch_size=8", "classifier.train.epochs=1",
-                "classifier.train.patience=0", "classifier.train.min_epochs=0", "classifier.train.device=cpu",
+COMPARE_FAST = ["downstream.model.image_size=32", "downstream.train.batch_size=8", "downstream.train.epochs=1",
+                "downstream.train.patience=0", "downstream.train.min_epochs=0", "downstream.train.device=cpu",
                 "gan.config=null", "seeds=[0]", "arms=[{name: real_only}]"]
 
 
@@ -146,9 +146,9 @@ def test_augment_compare(corpus, tmp_path, capsys):
 
 def test_cuda_out_of_memory_names_the_batch_size_to_lower(crc_mini, tmp_path, capsys, monkeypatch):
     import torch
-    from gans.losses import GANTask
+    from gans.adversarial import GANTask
 
-    def oom(self):
+    def oom(self, *args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(GANTask, "d_step", oom)

@@ -10,10 +10,11 @@ from classifier.config import ClassifierConfig
 from classifier.data import TileDataset
 from classifier.metrics import classification_metrics
 from classifier.model import create_classifier
-from classifier.train import class_weights, fit
+from classifier.train import checkpoint_info, class_weights, fit
 from histosynth import config as configlib
 from histosynth.checkpoint import CheckpointError, safe_load
 from histosynth.data import TileCache
+from histosynth.engine import RunDir
 
 
 def test_metrics_equal_sklearn_and_hand_computed_values():
@@ -107,7 +108,7 @@ def test_fit_loss_falls_and_keeps_the_best_checkpoint(crc_mini, tmp_path):
     res = fit(cfg, ds, t.images, t.labels, t.classes, tmp_path / "run", seed=0, progress=False)
     losses = [h["train_loss"] for h in res["history"]]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    best = safe_load(tmp_path / "run" / "best.pt")
+    best = checkpoint_info(safe_load(RunDir(tmp_path / "run").best))
     assert best["epoch"] == res["best_epoch"] and best["classes"] == t.classes
     assert best["val_balanced_accuracy"] == max(h["val_balanced_accuracy"] for h in res["history"])
 
@@ -118,7 +119,7 @@ def test_interrupted_fit_resumes_to_the_same_weights(sampler, crc_mini, tmp_path
     cfg = _tiny_cfg(epochs=3)
     fit(cfg, ds, t.images, t.labels, t.classes, tmp_path / "whole", 0, sampler, progress=False)
 
-    import classifier.train as ct
+    import classifier.task as ct
     real_predict, calls = ct.predict, {"n": 0}
 
     def dying_predict(*a, **k):                 # validation of epoch 2 'crashes'
@@ -131,13 +132,14 @@ def test_interrupted_fit_resumes_to_the_same_weights(sampler, crc_mini, tmp_path
     _, ds2 = _tiles(crc_mini)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, ds2, t.images, t.labels, t.classes, tmp_path / "cut", 0, sampler, progress=False)
-    assert safe_load(tmp_path / "cut" / "last.pt")["state"]["epoch"] == 1
+    ck = safe_load(RunDir(tmp_path / "cut").last)
+    assert ck["step"] == ck["info"]["steps_per_epoch"]          # the checkpoint of epoch 1
     monkeypatch.setattr(ct, "predict", real_predict)
     _, ds3 = _tiles(crc_mini)                   # a fresh process: fresh augmentation pipeline
     fit(cfg, ds3, t.images, t.labels, t.classes, tmp_path / "cut", 0, sampler, progress=False)
-    a, b = safe_load(tmp_path / "whole" / "best.pt"), safe_load(tmp_path / "cut" / "best.pt")
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    a, b = safe_load(RunDir(tmp_path / "whole").best), safe_load(RunDir(tmp_path / "cut").best)
+    for k, v in a["modules"]["model"].items():
+        assert torch.equal(v, b["modules"]["model"][k]), k
     # every epoch's training loss (to the last bit) and validation scores are the same
-    ha = safe_load(tmp_path / "whole" / "last.pt")["state"]["history"]
-    assert ha == safe_load(tmp_path / "cut" / "last.pt")["state"]["history"] and len(ha) == 3
+    ha = safe_load(RunDir(tmp_path / "whole").last)["engine"]["history"]
+    assert ha == safe_load(RunDir(tmp_path / "cut").last)["engine"]["history"] and len(ha) == 3

@@ -22,11 +22,12 @@ from experiments.splits import resolve_splits
 from histosynth import config as configlib
 from histosynth.config import PROJECT_ROOT
 from histosynth.data import TileCache
+from histosynth.engine import RunDir
 from conftest import image_files
 
-FAST = ["classifier.model.image_size=32", "classifier.train.batch_size=8", "classifier.train.device=cpu",
-        "classifier.train.patience=0", "classifier.train.epochs=2", "classifier.train.min_epochs=0",
-        "classifier.model.bn_momentum=0.5"]
+FAST = ["downstream.model.image_size=32", "downstream.train.batch_size=8", "downstream.train.device=cpu",
+        "downstream.train.patience=0", "downstream.train.epochs=2", "downstream.train.min_epochs=0",
+        "downstream.model.bn_momentum=0.5"]
 TINY_GAN = ("[data.image_size=32, model.ch=8, model.z_dim=16, train.batch_size=8, train.steps=4, "
             "train.checkpoint_every=2, train.sample_every=2, train.log_every=1, "
             "train.samples_per_class=2, train.device=cpu]")
@@ -68,12 +69,13 @@ def test_assemble_gives_the_requested_per_class_counts(crc_mini):
     real = TileCache.build(crc_mini, 32, progress=False)
     n = real.class_counts()
     want = {c: (i % 3) for i, c in enumerate(real.classes)}
-    images, labels, synth = assemble(real, real, want, seed=0)
+    data = assemble(real, real, want, seed=0)
+    images, labels, synth = data.images, data.labels, data.synthetic
     assert images.shape == (len(real) + sum(want.values()), 3, 32, 32)
     for i, c in enumerate(real.classes):
         assert (labels[synth] == i).sum() == want[c]
         assert (labels == i).sum() == n[c] + want[c]
-    other = assemble(real, real, want, seed=1)[0]
+    other = assemble(real, real, want, seed=1).images
     assert not np.array_equal(images, other)            # another seed draws another subset
     with pytest.raises(AssemblyError, match="needed but the source has"):
         assemble(real, real, {real.classes[0]: 999}, seed=0)
@@ -223,7 +225,7 @@ def test_tiny_compare_with_gan_stage_writes_every_report_file(crc_mini, tmp_path
 def _write_cfg(path: Path, root: Path, arms: str, seeds: str, epochs: int) -> Path:
     data = yaml.safe_load("\n".join(["{", f"data: {{root: '{root}', split: stratified}},",
                                      f"arms: {arms},", f"seeds: {seeds}", "}"]))
-    data["classifier"] = {"model": {"image_size": 32, "bn_momentum": 0.5},
+    data["downstream"] = {"model": {"image_size": 32, "bn_momentum": 0.5},
                           "train": {"batch_size": 8, "device": "cpu", "patience": 0, "epochs": epochs}}
     path.write_text(yaml.safe_dump(data))
     return path
@@ -247,7 +249,7 @@ def test_killed_compare_resumes_without_rerunning_finished_cells(crc_mini, tmp_p
     proc.wait()
     done = list(csv.DictReader(open(results)))
     assert 1 <= len(done) < 6, "the kill came too late to test a resume"
-    first = Path(out / done[0]["cell_dir"]) / "best.pt"
+    first = RunDir(out / done[0]["cell_dir"]).best
     stamp = first.stat().st_mtime_ns
     assert compare_main(["--cfg", str(cfg), "--out", str(out), "--no-progress"]) == 0
     rows = list(csv.DictReader(open(results)))
@@ -264,11 +266,11 @@ def test_killed_compare_resumes_without_rerunning_finished_cells(crc_mini, tmp_p
 def test_label_shuffled_control_stays_near_chance_on_real_data(tmp_path):
     demo = PROJECT_ROOT / "data" / "lung_demo"
     cfg = _cfg(f"data.root={demo}", "arms=[{name: real_only}, {name: shuffled, labels: shuffled}]",
-               "seeds=[0, 1]", "classifier.model.image_size=48", "classifier.model.bn_momentum=0.5",
-               "classifier.train.epochs=10", "classifier.train.patience=0", "classifier.train.device=cpu",
-               "classifier.train.lr=2e-3")
+               "seeds=[0, 1]", "downstream.model.image_size=48", "downstream.model.bn_momentum=0.5",
+               "downstream.train.epochs=10", "downstream.train.patience=0", "downstream.train.device=cpu",
+               "downstream.train.lr=2e-3")
     s = run_compare(cfg, tmp_path / "out", progress=False)
-    chance = s["chance_balanced_accuracy"]
+    chance = s["chance"]["balanced_accuracy"]
     shuffled = s["arms"]["shuffled"]["metrics"]["balanced_accuracy"]["mean"]
     real = s["arms"]["real_only"]["metrics"]["balanced_accuracy"]["mean"]
     assert abs(shuffled - chance) < 0.12, shuffled

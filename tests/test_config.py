@@ -25,7 +25,7 @@ def _get(cfg, dotted):
 
 @pytest.mark.parametrize("path", GAN_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_with_the_required_keys(path):
-    from gans.cyclegan import CycleGANConfig
+    from gans.families.cyclegan import CycleGANConfig
     from gans.train_gan import load_config
 
     cfg, _ = load_config(path, [])

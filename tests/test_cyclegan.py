@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gans.cyclegan import CycleGANConfig, CycleGANTask, ImagePool, PatchDiscriminator, ResnetGenerator
 from gans.cyclegan_eval import evaluate_run, paired_scores
-from gans.loop import RunPaths
-from gans.translate import _starts, main as translate_main, translate_image
-from gans.train_gan import load_config, load_domains, main as train_main, train_gan
+from gans.families.cyclegan import (CycleGANConfig, CycleGANTask, ImagePool, PatchDiscriminator, ResnetGenerator,
+                                    load_data as load_domains)
+from gans.tiling import _starts, translate_image
+from gans.translate import main as translate_main
+from gans.train_gan import load_config, main as train_main, train_gan
 from histosynth.checkpoint import safe_load
+from histosynth.engine import RunDir
 from histosynth.images import list_images, read_rgb8
 from histosynth.runtime import Runtime
 from conftest import assert_same_state
@@ -52,9 +54,9 @@ def test_paper_sizes():
 def test_one_step_keeps_every_weight_finite(stain_domains):
     cfg = tiny_cycle_config(*stain_domains)
     torch.manual_seed(0)
-    task = CycleGANTask(cfg, *load_domains(cfg, progress=False), Runtime.from_choices("cpu"))
+    task = CycleGANTask(cfg, load_domains(cfg, progress=False), Runtime.from_choices("cpu"))
     before = {k: v.clone() for k, v in task.G_ab.state_dict().items()}
-    out = {**task.g_step(), **task.d_step()}
+    out = task.train_step()
     assert all(torch.isfinite(v) for v in out.values())
     for m in task.modules.values():
         assert all(torch.isfinite(p).all() for p in m.parameters())
@@ -78,9 +80,9 @@ def test_short_run_writes_checkpoints_grids_and_eval(stain_domains, tmp_path):
     out = tmp_path / "run"
     assert train_main(["--cfg", "cyclegan_cpu", "--out", str(out), "--no-progress",
                        *sum((["--set", s] for s in tiny_cycle_sets(*stain_domains)), [])]) == 0
-    p = RunPaths(out)
-    ck = safe_load(p.checkpoint)
-    assert ck["family"] == "cyclegan" and ck["step"] == 6
+    p = RunDir(out)
+    ck = safe_load(p.last)
+    assert ck["task"] == "cyclegan" and ck["step"] == 6
     assert set(ck["modules"]) == {"G_ab", "G_ba", "D_a", "D_b"}
     assert sorted(f.name for f in p.samples.iterdir()) == ["step_000003.png", "step_000006.png"]
     from PIL import Image
@@ -99,21 +101,21 @@ def test_resume_equals_uninterrupted(stain_domains, tmp_path, monkeypatch):
     train_gan(cfg, tmp_path / "full", progress=False)
     real_g_step, calls = CycleGANTask.g_step, {"n": 0}
 
-    def dying(self):
+    def dying(self, a, b):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real_g_step(self)
+        return real_g_step(self, a, b)
 
     monkeypatch.setattr(CycleGANTask, "g_step", dying)
     with pytest.raises(KeyboardInterrupt):
         train_gan(cfg, tmp_path / "cut", progress=False)
     monkeypatch.setattr(CycleGANTask, "g_step", real_g_step)
     assert train_main(["--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
-    a, b = safe_load(RunPaths(tmp_path / "full").checkpoint), safe_load(RunPaths(tmp_path / "cut").checkpoint)
+    a, b = safe_load(RunDir(tmp_path / "full").last), safe_load(RunDir(tmp_path / "cut").last)
     assert_same_state(a, b)
     for pool in ("pool_a", "pool_b"):
-        assert torch.equal(a["extra"][pool]["images"], b["extra"][pool]["images"])
+        assert torch.equal(a["task_state"][pool]["images"], b["task_state"][pool]["images"])
 
 
 class ToyInstanceNorm(nn.Module):
@@ -214,9 +216,12 @@ def test_translate_and_generate_refuse_the_wrong_family(cycle_run, trained_run, 
     from gans.generate import main as generate_main
     assert translate_main(["--run", str(trained_run), "--input", str(tmp_path), "--out",
                            str(tmp_path / "o"), "--direction", "a2b"]) == 2
-    assert "needs a cyclegan run" in capsys.readouterr().err
+    assert "is a sngan run, which draws tiles rather than translating images; use gan-generate" \
+        in capsys.readouterr().err
     assert generate_main(["--run", str(cycle_run), "--per-class", "1", "--out", str(tmp_path / "g")]) == 2
-    assert "holds a 'cyclegan' model" in capsys.readouterr().err
+    assert "is a cyclegan run, which translates images rather than drawing tiles; use gan-translate" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "g").exists() and not (tmp_path / "o").exists()
 
 
 def test_cyclegan_config_checks(stain_domains):
@@ -233,5 +238,5 @@ def test_domain_kid_is_logged(stain_domains, tmp_path):
     cfg = tiny_cycle_config(*stain_domains, **{"train.kid_every": 3, "train.kid_samples": 8,
                                                "eval.max_images": 1})
     train_gan(cfg, tmp_path / "run", progress=False)
-    rows = [json.loads(x) for x in RunPaths(tmp_path / "run").metrics.read_text().splitlines()]
+    rows = [json.loads(x) for x in RunDir(tmp_path / "run").metrics.read_text().splitlines()]
     assert [r["step"] for r in rows if "kid" in r] == [3, 6]

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gans.loop import RunPaths
 from histosynth.checkpoint import safe_load
+from histosynth.engine import RunDir
 from histosynth.runtime import Runtime
 from conftest import assert_same_state, tiny_overrides
 from fault_harness import kill_tree
@@ -51,9 +51,9 @@ def test_two_process_gloo_training_preempted_then_resumed_on_one_process(sampler
     deadline = time.time() + 300
     killed_at = None
     while time.time() < deadline and all(p.is_alive() for p in procs):
-        if (run / "last.pt").is_file():
+        if RunDir(run).last.is_file():
             try:
-                killed_at = safe_load(run / "last.pt")["state"]["epoch"]
+                killed_at = _epoch(run)
             except Exception:
                 killed_at = None
             if killed_at and killed_at >= 2:
@@ -62,9 +62,9 @@ def test_two_process_gloo_training_preempted_then_resumed_on_one_process(sampler
     for p in procs:
         p.kill()
         p.join()
-    killed_at = safe_load(run / "last.pt")["state"]["epoch"]
+    killed_at = _epoch(run)
     assert 2 <= killed_at < epochs, "the 2-process run was not caught mid-way"
-    assert (run / "best.pt").is_file()
+    assert RunDir(run).best.is_file()
     from test_classifier import _tiles, _tiny_cfg
     from classifier.train import fit
     t, ds = _tiles(crc_mini)
@@ -72,7 +72,12 @@ def test_two_process_gloo_training_preempted_then_resumed_on_one_process(sampler
     assert res["epochs_run"] == epochs
     assert [h["epoch"] for h in res["history"]] == list(range(1, epochs + 1))
     assert all(math.isfinite(h["train_loss"]) for h in res["history"])
-    assert not list(run.glob(".*.tmp"))
+    assert not list(run.rglob(".*.tmp"))
+
+
+def _epoch(run) -> int:
+    ck = safe_load(RunDir(run).last)
+    return ck["step"] // ck["info"]["steps_per_epoch"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,12 +131,15 @@ def test_ranks_share_out_the_global_batch_the_same_for_any_world_size():
         BatchSampler(10, 4, seed=0, rank=0, world=3)
 
 
-def test_a_batch_that_does_not_split_over_the_processes_is_a_config_error():
-    from gans.loop import distributed_runtime
+def test_a_batch_that_does_not_split_over_the_processes_is_a_config_error(crc_mini):
+    import dataclasses
+    from conftest import tiny_config
+    from gans.adversarial import GANTask, load_data
     from histosynth.config import ConfigError
-    from histosynth.distributed import Dist
+    cfg = tiny_config(crc_mini, **{"train.batch_size": 7})
+    rt = dataclasses.replace(Runtime.from_choices("cpu"), rank=0, world=2)
     with pytest.raises(ConfigError, match="train.batch_size.*multiple of 2"):
-        distributed_runtime(Runtime.from_choices("cpu"), Dist(rank=0, world=2), 7)
+        GANTask(cfg, load_data(cfg, progress=False), rt)
 
 
 def _torchrun(args, env, **kw):
@@ -185,21 +193,21 @@ def test_wgan_gp_on_two_processes_killed_and_resumed_equals_the_uninterrupted_ru
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
     assert "Traceback" not in out and out.count("finished step 8") == 1     # rank 0 reports
-    ref = safe_load(RunPaths(whole).checkpoint)
+    ref = safe_load(RunDir(whole).last)
     assert ref["step"] == 8 and len(ref["ranks"]) == 2
     assert not torch.equal(ref["ranks"][0]["rng"]["torch"], ref["ranks"][1]["rng"]["torch"])
-    rows = [json.loads(line) for line in RunPaths(whole).metrics.read_text().splitlines()]
+    rows = [json.loads(line) for line in RunDir(whole).metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert all(math.isfinite(r["loss_d"]) and math.isfinite(r["gp"]) for r in rows)
 
     p = _torchrun(["--cfg", "wgan_gp", "--out", str(cut), *sets], env)
-    killed_at = _kill_after_checkpoint(p, RunPaths(cut).checkpoint, 2, 8)
+    killed_at = _kill_after_checkpoint(p, RunDir(cut).last, 2, 8)
     assert 2 <= killed_at < 8
     p = _torchrun(["--resume", str(cut)], env)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
-    assert_same_state(ref, safe_load(RunPaths(cut).checkpoint))
-    rows = [json.loads(line) for line in RunPaths(cut).metrics.read_text().splitlines()]
+    assert_same_state(ref, safe_load(RunDir(cut).last))
+    rows = [json.loads(line) for line in RunDir(cut).metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert not list(cut.rglob(".*.tmp"))
 
@@ -213,13 +221,13 @@ def test_cyclegan_on_two_processes_preempted_then_resumed_on_one(stain_domains, 
     out_dir = tmp_path / "cg"
     env = _env(tmp_path)
     p = _torchrun(["--cfg", "cyclegan_cpu", "--out", str(out_dir), *sum((["--set", s] for s in sets), [])], env)
-    killed_at = _kill_after_checkpoint(p, RunPaths(out_dir).checkpoint, 2, 6)
+    killed_at = _kill_after_checkpoint(p, RunDir(out_dir).last, 2, 6)
     assert 2 <= killed_at < 6
-    ck = safe_load(RunPaths(out_dir).checkpoint)
-    assert len(ck["ranks"]) == 2 and set(ck["ranks"][1]["extra"]) == set(ck["extra"])
+    ck = safe_load(RunDir(out_dir).last)
+    assert len(ck["ranks"]) == 2 and set(ck["ranks"][1]["task_state"]) == set(ck["task_state"])
     assert train_main(["--resume", str(out_dir), "--no-progress"]) == 0
-    final = safe_load(RunPaths(out_dir).checkpoint)
+    final = safe_load(RunDir(out_dir).last)
     assert final["step"] == 6 and final["ranks"] == []
     assert (out_dir / "eval.json").is_file()
-    rows = [json.loads(line) for line in RunPaths(out_dir).metrics.read_text().splitlines()]
+    rows = [json.loads(line) for line in RunDir(out_dir).metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from gans.loop import RunPaths
-from gans.losses import GANTask
-from gans.train_gan import load_data, main as train_main, train_gan
+from gans.adversarial import GANTask, load_data
+from gans.train_gan import main as train_main, train_gan
 from histosynth.checkpoint import CheckpointError, atomic_save, safe_load, sha256_file
 from histosynth.config import PROJECT_ROOT
+from histosynth.engine import RunDir
 from histosynth.runtime import Runtime
 from conftest import assert_same_state, tiny_config, tiny_overrides
 
@@ -32,12 +32,12 @@ def _args(root, out, family="sngan", **extra):
 def test_short_run_writes_the_run_dir(family, crc_mini, tmp_path):
     out = tmp_path / "run"
     assert train_main(_args(crc_mini, out, family)) == 0
-    p = RunPaths(out)
+    p = RunDir(out)
     n_classes = len([d for d in crc_mini.iterdir() if d.is_dir()])
-    ck = safe_load(p.checkpoint)
-    assert ck["step"] == 6 and ck["family"] == family
+    ck = safe_load(p.last)
+    assert ck["step"] == 6 and ck["task"] == family and ck["format"] == "histosynth/2"
     assert set(ck["modules"]) == {"G", "D"} and "G" in ck["ema"]
-    assert {"torch"} <= set(ck["rng"]) and "sampler" in ck["extra"]
+    assert {"torch"} <= set(ck["rng"]) and "sampler" in ck["task_state"]
     # resolved config round-trips and matches the checkpoint's
     import yaml
     assert yaml.safe_load(p.config.read_text()) == ck["config"]
@@ -47,7 +47,7 @@ def test_short_run_writes_the_run_dir(family, crc_mini, tmp_path):
     assert sorted(x.name for x in p.samples.iterdir()) == ["step_000003.png", "step_000006.png"]
     rows = [json.loads(line) for line in p.metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert all(k in rows[-1] for k in ("loss_d", "loss_g", "real_img_per_s"))
+    assert all(k in rows[-1] for k in ("loss_d", "loss_g", "images_per_s"))
     assert (out / "loss.png").is_file() and json.loads((out / "data.json").read_text())["classes"]
 
 
@@ -55,7 +55,7 @@ def test_discriminator_loss_falls_against_a_fixed_generator(crc_mini):
     cfg = tiny_config(crc_mini, **{"train.lr_d": 1e-3, "train.diffaugment": "''"})
     torch.manual_seed(0)
     task = GANTask(cfg, load_data(cfg, progress=False), Runtime.from_choices("cpu"))
-    losses = [task.d_step()["loss_d"].item() for _ in range(20)]
+    losses = [task.d_step(*task.real_batch())["loss_d"].item() for _ in range(20)]
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
@@ -69,22 +69,22 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(family, crc_mini,
     calls = {"n": 0}
     real_g_step = GANTask.g_step
 
-    def dying_g_step(self):
+    def dying_g_step(self, y):
         calls["n"] += 1
         if calls["n"] == 5:                  # step 5: after the step-3 checkpoint and step-4 log
             raise KeyboardInterrupt
-        return real_g_step(self)
+        return real_g_step(self, y)
 
     monkeypatch.setattr(GANTask, "g_step", dying_g_step)
     with pytest.raises(KeyboardInterrupt):
         train_gan(cfg, tmp_path / "cut", progress=False)
-    assert safe_load(RunPaths(tmp_path / "cut").checkpoint)["step"] == 3
+    assert safe_load(RunDir(tmp_path / "cut").last)["step"] == 3
     monkeypatch.setattr(GANTask, "g_step", real_g_step)
     assert train_main(["--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
 
-    assert_same_state(safe_load(RunPaths(tmp_path / "full").checkpoint),
-                      safe_load(RunPaths(tmp_path / "cut").checkpoint))
-    steps = [json.loads(x)["step"] for x in RunPaths(tmp_path / "cut").metrics.read_text().splitlines()]
+    assert_same_state(safe_load(RunDir(tmp_path / "full").last),
+                      safe_load(RunDir(tmp_path / "cut").last))
+    steps = [json.loads(x)["step"] for x in RunDir(tmp_path / "cut").metrics.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]       # the step-4 line of the killed run is not repeated
 
 
@@ -96,16 +96,16 @@ def test_sigkill_then_resume_reaches_the_final_step(crc_mini, tmp_path):
                                             "train.sample_every": 500})
     proc = subprocess.Popen([sys.executable, "-m", "gans.train_gan", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    paths = RunPaths(out)
+    paths = RunDir(out)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:      # kill between checkpoints
-        if paths.checkpoint.is_file() and paths.metrics.is_file() and \
+        if paths.last.is_file() and paths.metrics.is_file() and \
                 len(paths.metrics.read_text().splitlines()) >= 24:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    ck = paths.checkpoint
+    ck = paths.last
     assert ck.is_file(), "no checkpoint appeared before the kill"
     killed_at = safe_load(ck)["step"]
     assert 7 <= killed_at < total
@@ -120,8 +120,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(crc_mini, tmp_path, m
     real_d_step = GANTask.d_step
     calls = {"n": 0}
 
-    def nan_d_step(self):
-        out = real_d_step(self)
+    def nan_d_step(self, real, y):
+        out = real_d_step(self, real, y)
         calls["n"] += 1
         if calls["n"] >= 5:
             out["loss_d"] = torch.tensor(float("nan"))
@@ -133,16 +133,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(crc_mini, tmp_path, m
     err = capsys.readouterr().err
     assert rc == 2 and "loss_d became NaN/Inf at step 6" in err and "(step 4) was kept" in err
     assert "Traceback" not in err
-    ck = safe_load(RunPaths(out).checkpoint)
+    ck = safe_load(RunDir(out).last)
     assert ck["step"] == 4
     assert all(torch.isfinite(v).all() for v in ck["modules"]["G"].values() if v.is_floating_point())
 
 
 def test_existing_run_is_never_overwritten(trained_run, crc_mini, capsys):
-    before = sha256_file(RunPaths(trained_run).checkpoint)
+    before = sha256_file(RunDir(trained_run).last)
     assert train_main(_args(crc_mini, trained_run)) == 2
     assert "--resume" in capsys.readouterr().err
-    assert sha256_file(RunPaths(trained_run).checkpoint) == before
+    assert sha256_file(RunDir(trained_run).last) == before
 
 
 def test_resume_argument_errors(trained_run, tmp_path, capsys):
@@ -206,7 +206,7 @@ def test_script_entry_point_runs_without_install(tmp_path):
 
 def test_ema_warms_up_then_follows_the_decay():
     from torch.optim.swa_utils import AveragedModel
-    from gans.loop import ema_with_warmup
+    from histosynth.engine import ema_with_warmup
 
     net = torch.nn.Linear(1, 1, bias=False)
     net.weight.data.fill_(0.0)
@@ -225,23 +225,23 @@ def test_ema_warms_up_then_follows_the_decay():
 def test_unconditional_run_has_one_grid_row_and_ignores_labels(crc_mini, tmp_path):
     out = tmp_path / "run"
     assert train_main(_args(crc_mini, out, "dcgan", **{"model.conditioning": "none"})) == 0
-    ck = safe_load(RunPaths(out).checkpoint)
-    assert ck["extra"]["num_classes"] == 0
+    ck = safe_load(RunDir(out).last)
+    assert ck["task_state"]["num_classes"] == 0 and ck["info"]["num_classes"] == 0
     assert not any("embed" in k for k in ck["modules"]["D"])
-    assert Image.open(RunPaths(out).samples / "step_000006.png").height == 34 + 2
+    assert Image.open(RunDir(out).samples / "step_000006.png").height == 34 + 2
 
 
 def test_kid_is_logged_during_training_and_resume_stays_exact(crc_mini, tmp_path, monkeypatch):
     extra = {"train.kid_every": 2, "train.kid_samples": 16}
     cfg = tiny_config(crc_mini, **extra)
     train_gan(cfg, tmp_path / "full", progress=False)
-    rows = [json.loads(x) for x in RunPaths(tmp_path / "full").metrics.read_text().splitlines()]
+    rows = [json.loads(x) for x in RunDir(tmp_path / "full").metrics.read_text().splitlines()]
     kids = [r for r in rows if "kid" in r]
     assert [r["step"] for r in kids] == [2, 4, 6] and all(r["kid"] == r["kid"] for r in kids)
     # the KID pass must not touch the training random streams: same weights as without it
     train_gan(tiny_config(crc_mini), tmp_path / "plain", progress=False)
-    assert_same_state(safe_load(RunPaths(tmp_path / "full").checkpoint),
-                      safe_load(RunPaths(tmp_path / "plain").checkpoint))
+    assert_same_state(safe_load(RunDir(tmp_path / "full").last),
+                      safe_load(RunDir(tmp_path / "plain").last))
 
 
 def test_kid_does_not_disturb_the_global_rng():
@@ -263,13 +263,13 @@ def test_compiled_steps_train_the_same_model(crc_mini, tmp_path):
     train_gan(tiny_config(crc_mini, "dcgan", **sets), eager, progress=False)
     torch.manual_seed(0)
     train_gan(tiny_config(crc_mini, "dcgan", **sets, **{"train.compile": "on"}), comp, progress=False)
-    a, b = safe_load(RunPaths(eager).checkpoint), safe_load(RunPaths(comp).checkpoint)
+    a, b = safe_load(RunDir(eager).last), safe_load(RunDir(comp).last)
     for name in ("G", "D"):
         assert a["modules"][name].keys() == b["modules"][name].keys()
         for k, v in a["modules"][name].items():
             if v.is_floating_point():
                 assert torch.allclose(v, b["modules"][name][k], atol=2e-4), f"{name}.{k}"
-    rows = [json.loads(line) for line in RunPaths(comp).metrics.read_text().splitlines()]
+    rows = [json.loads(line) for line in RunDir(comp).metrics.read_text().splitlines()]
     assert all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in rows)
 
 

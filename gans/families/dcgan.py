@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gans.registry import register_family
+from gans.adversarial import adversarial_family
 
 
 def _init(m: nn.Module) -> None:
@@ -70,7 +70,9 @@ class DCGANDiscriminator(nn.Module):
         return out
 
 
-@register_family("dcgan", default_loss="bce", paper="Radford et al., ICLR 2016")
 def build_dcgan(image_size: int, num_classes: int, z_dim: int, ch: int):
     return (DCGANGenerator(image_size, num_classes, z_dim, ch),
             DCGANDiscriminator(image_size, num_classes, ch))
+
+
+FAMILY = adversarial_family("dcgan", build_dcgan, default_loss="bce", paper="Radford et al., ICLR 2016")

@@ -7,11 +7,13 @@ the paper's 64 px model, and global mean pooling as in its code. Trained with th
 """
 
 from gans.layers import ResNetDiscriminator, ResNetGenerator
-from gans.registry import register_family
+from gans.adversarial import adversarial_family
 
 
-@register_family("wgan_gp", default_loss="wasserstein", paper="Gulrajani et al., NeurIPS 2017")
 def build_wgan_gp(image_size: int, num_classes: int, z_dim: int, ch: int):
     G = ResNetGenerator(image_size, num_classes, z_dim, ch)
     D = ResNetDiscriminator(image_size, num_classes, ch, sn=False, norm="layer", pool="mean")
     return G, D
+
+
+FAMILY = adversarial_family("wgan_gp", build_wgan_gp, default_loss="wasserstein", paper="Gulrajani et al., NeurIPS 2017")

@@ -5,11 +5,13 @@ every weight, ReLU, global sum pooling and a projection head. Trained with the h
 """
 
 from gans.layers import ResNetDiscriminator, ResNetGenerator
-from gans.registry import register_family
+from gans.adversarial import adversarial_family
 
 
-@register_family("sngan", default_loss="hinge", paper="Miyato et al., ICLR 2018")
 def build_sngan(image_size: int, num_classes: int, z_dim: int, ch: int):
     G = ResNetGenerator(image_size, num_classes, z_dim, ch)
     D = ResNetDiscriminator(image_size, num_classes, ch, sn=True)
     return G, D
+
+
+FAMILY = adversarial_family("sngan", build_sngan, default_loss="hinge", paper="Miyato et al., ICLR 2018")

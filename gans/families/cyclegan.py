@@ -6,15 +6,17 @@ least-squares GAN loss, cycle weight 10, identity weight 0.5 (x the cycle weight
 of 50 past fakes per domain, Adam(2e-4, 0.5, 0.999), constant learning rate for the first half
 and linear decay to 0 over the second. ``G_ab`` maps domain A to B, ``G_ba`` maps B to A.
 
-The training loop of :mod:`gans.loop` runs it like any other task: ``phases = ("g", "d")``
-(generators first, then both discriminators on pooled fakes, as in the paper's code).
+The engine trains :class:`CycleGANTask` like any other task; one ``train_step`` updates the
+generators, then both discriminators on pooled fakes, as in the paper's code. A trained run is a
+:class:`CycleGANTranslator` (``gan-translate``, ``gan-eval``).
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -22,8 +24,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gans.config import TrainConfig
+from gans.registry import Family
+from histosynth import config as configlib
+from histosynth.checkpoint import sha256_file
 from histosynth.config import require
-from histosynth.data import BatchSampler, TileCache, flip_rot90, random_crop, to_uint8, to_unit_range
+from histosynth.data import (BatchSampler, TileCache, cache_dir_of, flip_rot90, random_crop, to_uint8,
+                             to_unit_range)
+from histosynth.engine import module_state, require_divisible
+from histosynth.images import native_size
+from histosynth.paths import resolve_data_path
+from histosynth.roles import Grid
 from histosynth.runtime import Runtime, compiled, eval_mode
 
 # ----------------------------------------------------------------------------------------------
@@ -225,17 +235,46 @@ class ImagePool:
 
 
 # ----------------------------------------------------------------------------------------------
+# data
+
+
+def load_data(cfg: CycleGANConfig, progress: bool = True) -> tuple[TileCache, TileCache]:
+    """The two unpaired domains, cached at ``data.load_size`` (0: native size)."""
+    d = cfg.data
+    out = []
+    for key in ("root_a", "root_b"):
+        root = resolve_data_path(getattr(d, key))
+        size = d.load_size or native_size(root)
+        if size < d.image_size:
+            raise configlib.ConfigError("data.image_size", f"{d.image_size} is larger than the "
+                                        f"images of data.{key} ({size} px); lower it")
+        out.append(TileCache.build(root, size, cache_dir=cache_dir_of(d), progress=progress, layout="flat"))
+    return out[0], out[1]
+
+
+def provenance(cfg: CycleGANConfig, data: tuple[TileCache, TileCache]) -> dict:
+    info = {}
+    for key, cache in zip(("a", "b"), data):
+        root = resolve_data_path(getattr(cfg.data, f"root_{key}"))
+        info.update({f"root_{key}": str(root.resolve()), f"count_{key}": len(cache),
+                     f"skipped_{key}": cache.skipped,
+                     f"files_sha256_{key}": {f: sha256_file(root / f) for f in cache.files}})
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
 # the task
 
 
 class CycleGANTask:
     """Two generators, two PatchGANs, the paper's losses; batches of random crops from A and B."""
 
-    phases = ("g", "d")
-
-    def __init__(self, cfg: CycleGANConfig, data_a: TileCache, data_b: TileCache, rt: Runtime):
-        self.cfg, self.rt, self.data_a, self.data_b = cfg, rt, data_a, data_b
+    def __init__(self, cfg: CycleGANConfig, data: tuple[TileCache, TileCache], rt: Runtime):
+        self.cfg, self.rt = cfg, rt
+        self.data_a, self.data_b = data
         m, t = cfg.model, cfg.train
+        require_divisible(t.batch_size, rt.world, "train.batch_size")
+        self.plan = t.plan(images_per_step=t.batch_size)
         self.G_ab = rt.prepare(ResnetGenerator(m.ngf, m.n_blocks))
         self.G_ba = rt.prepare(ResnetGenerator(m.ngf, m.n_blocks))
         self.D_a = rt.prepare(PatchDiscriminator(m.ndf, m.d_layers))
@@ -250,20 +289,17 @@ class CycleGANTask:
             "D": torch.optim.Adam(itertools.chain(self.D_a.parameters(), self.D_b.parameters()),
                                   lr=t.lr_d, betas=t.betas, **fused),
         }
-        self.ema_names = ["G_ab", "G_ba"]
-        self.n_dis = 1
+        self.ema_names = ("G_ab", "G_ba")
         # each rank keeps a history of its own fakes
         self.pool_a = ImagePool(cfg.loss.pool_size, t.seed + 3 + 1000 * rt.rank)
         self.pool_b = ImagePool(cfg.loss.pool_size, t.seed + 4 + 1000 * rt.rank)
         self.gen = torch.Generator().manual_seed(t.seed + 1)     # crops, flips, batch order
-        self.sampler_a = BatchSampler(len(data_a), t.batch_size, t.seed, rt.rank, rt.world)
-        self.sampler_b = BatchSampler(len(data_b), t.batch_size, t.seed + 5, rt.rank, rt.world)
-        self._fakes: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sampler_a = BatchSampler(len(self.data_a), t.batch_size, t.seed, rt.rank, rt.world)
+        self.sampler_b = BatchSampler(len(self.data_b), t.batch_size, t.seed + 5, rt.rank, rt.world)
         # the grid shows the same crops at every step: the first tiles' centres
-        k = min(4, len(data_a), len(data_b))
-        self.grid_a = self._centre(data_a, k)
-        self.grid_b = self._centre(data_b, k)
+        k = min(4, len(self.data_a), len(self.data_b))
+        self.grid_a = self._centre(self.data_a, k)
+        self.grid_b = self._centre(self.data_b, k)
 
     def _centre(self, data: TileCache, k: int) -> torch.Tensor:
         x = torch.from_numpy(np.array(data.images[:k]))           # a copy: the cache is read-only
@@ -284,8 +320,15 @@ class CycleGANTask:
             return F.mse_loss(pred, target)
         return F.binary_cross_entropy_with_logits(pred, target)
 
-    def g_step(self) -> dict[str, torch.Tensor]:
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """Generators on a batch of A and B crops, then both discriminators on the same real
+        crops and pooled fakes (the paper's order)."""
         a, b = self._load(self.data_a, self.sampler_a), self._load(self.data_b, self.sampler_b)
+        out, fake_a, fake_b = self.g_step(a, b)
+        return {**out, **self.d_step(a, b, fake_a, fake_b)}
+
+    def g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """One update of both generators; returns the losses and the (detached) fakes G_ba(b), G_ab(a)."""
         lc, li = self.cfg.loss.lambda_cycle, self.cfg.loss.lambda_identity
         for D in (self.D_a, self.D_b):
             D.requires_grad_(False)
@@ -307,14 +350,14 @@ class CycleGANTask:
         opt.step()
         for D in (self.D_a, self.D_b):
             D.requires_grad_(True)
-        self._fakes = (fake_a.detach(), fake_b.detach())
-        self._batch = (a, b)
-        return {"loss_g": loss.detach(), "loss_g_gan": (gan_ab + gan_ba).detach(),
-                "loss_cycle": cyc.detach(), "loss_idt": idt.detach()}
+        out = {"loss_g": loss.detach(), "loss_g_gan": (gan_ab + gan_ba).detach(),
+               "loss_cycle": cyc.detach(), "loss_idt": idt.detach()}
+        return out, fake_a.detach(), fake_b.detach()
 
-    def d_step(self) -> dict[str, torch.Tensor]:
-        a, b = self._batch
-        fake_a, fake_b = self.pool_a.query(self._fakes[0]), self.pool_b.query(self._fakes[1])
+    def d_step(self, a: torch.Tensor, b: torch.Tensor, fake_a: torch.Tensor, fake_b: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+        """One update of both discriminators: real crops against fakes drawn through the pools."""
+        fake_a, fake_b = self.pool_a.query(fake_a), self.pool_b.query(fake_b)
         D_a, D_b = self.run["D_a"], self.run["D_b"]
         with self.rt.autocast():
             loss_a = 0.5 * (self._gan(D_a(a).float(), True) + self._gan(D_a(fake_a).float(), False))
@@ -326,9 +369,9 @@ class CycleGANTask:
         return {"loss_d": (loss_a + loss_b).detach(), "loss_d_a": loss_a.detach(), "loss_d_b": loss_b.detach()}
 
     @torch.no_grad()
-    def sample_grid(self, gens: dict[str, nn.Module]) -> tuple[torch.Tensor, int, list[str]]:
+    def visualise(self, models) -> Grid:
         """Rows A | G_ab(A) | G_ba(G_ab(A)) and B | G_ba(B) | G_ab(G_ba(B)), same crops every time."""
-        G_ab, G_ba = gens["G_ab"], gens["G_ba"]
+        G_ab, G_ba = models["G_ab"], models["G_ba"]
         a, b = self.grid_a.to(self.rt.device), self.grid_b.to(self.rt.device)
         with eval_mode(G_ab, G_ba), self.rt.autocast():
             fb, fa = G_ab(a).float(), G_ba(b).float()
@@ -343,25 +386,69 @@ class CycleGANTask:
         return torch.stack(rows).cpu(), 3, labels
 
     @torch.no_grad()
-    def kid_pair(self, gens: dict[str, nn.Module], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(real B, G_ab(A)) uint8 centre crops for the training-time domain KID."""
-        G = gens["G_ab"]
+    def evaluate(self, models) -> dict[str, float]:
+        """Domain KID (pixel features) of G_ab(A) against B on fixed centre crops."""
+        from metrics.distribution import kid
+        from metrics.features import PixelExtractor
+
+        n, G = self.cfg.train.kid_samples, models["G_ab"]
         a = self._centre(self.data_a, min(n, len(self.data_a)))
         fakes = []
         with eval_mode(G), self.rt.autocast():
             for s in range(0, a.shape[0], 16):
                 fakes.append(to_uint8(G(a[s:s + 16].to(self.rt.device))).cpu())
         real = to_uint8(self._centre(self.data_b, min(n, len(self.data_b))))
-        return real, torch.cat(fakes)
+        ext = PixelExtractor()
+        return {"kid": kid(ext(real).double(), ext(torch.cat(fakes)).double())}
 
-    def extra_state(self) -> dict:
+    def info(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
         return {"sampler_a": self.sampler_a.state_dict(), "sampler_b": self.sampler_b.state_dict(),
                 "gen": self.gen.get_state(), "pool_a": self.pool_a.state_dict(),
                 "pool_b": self.pool_b.state_dict()}
 
-    def load_extra_state(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.sampler_a.load_state_dict(state["sampler_a"])
         self.sampler_b.load_state_dict(state["sampler_b"])
         self.gen.set_state(state["gen"])
         self.pool_a.load_state_dict(state["pool_a"], self.rt.device)
         self.pool_b.load_state_dict(state["pool_b"], self.rt.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# a trained run
+
+
+class CycleGANTranslator:
+    """The :class:`~histosynth.roles.Translator` of a trained run: ``a2b`` (G_ab), ``b2a`` (G_ba)."""
+
+    directions = ("a2b", "b2a")
+
+    def __init__(self, G_ab: nn.Module, G_ba: nn.Module):
+        self.nets = {"a2b": G_ab, "b2a": G_ba}
+
+    def translate(self, rgb: np.ndarray, direction: str, tile: int = 512, overlap: int | None = None) -> np.ndarray:
+        from gans.tiling import translate_image
+        return translate_image(self.nets[direction], rgb, tile, tile // 8 if overlap is None else overlap)
+
+
+def _from_checkpoint(ck: dict, weights: str = "ema", device: Any = "cpu") -> CycleGANTranslator:
+    cfg = configlib.build(CycleGANConfig, ck["config"])
+    nets = []
+    for name in ("G_ab", "G_ba"):
+        G = ResnetGenerator(cfg.model.ngf, cfg.model.n_blocks)
+        G.load_state_dict(module_state(ck, name, weights))
+        nets.append(G.to(device).eval())
+    return CycleGANTranslator(*nets)
+
+
+def _evaluate_run(run: Path, progress: bool) -> dict:
+    from gans.cyclegan_eval import evaluate_run
+    return evaluate_run(run, progress=progress)
+
+
+FAMILY = Family(name="cyclegan", paper="Zhu et al., ICCV 2017", config=CycleGANConfig, load_data=load_data,
+                provenance=provenance, build_task=CycleGANTask, from_checkpoint=_from_checkpoint,
+                finish=_evaluate_run)

@@ -1,0 +1,151 @@
+"""Classification as ``augment-compare``'s downstream task (``task: classification``).
+
+Each arm x seed cell trains an EfficientNet (:func:`classifier.train.fit`) on the arm's assembled
+training set with the arm's augmentation policy, sampler and class weights, early-stopped on
+validation balanced accuracy, and scores it on the real test split: accuracy, balanced accuracy,
+macro-F1, one-vs-rest AUC and the sensitivity of the minority class (fewest real training tiles).
+Per-class sensitivity / specificity / AUC and the confusion matrix go to the cell's
+``metrics.json``, the test probabilities to ``test_predictions.npz``; the report's classification
+figures (per-class sensitivity heatmap, confusion matrices, ROC curves) are drawn from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from classifier.augment import POLICIES, build_augment
+from classifier.config import ClassifierConfig
+from classifier.data import TileDataset
+from classifier.metrics import classification_metrics
+from classifier.train import fit, load_best, predict
+from histosynth.checkpoint import atomic_write, atomic_write_text
+from histosynth.roles import Metric, MetricSpec, TileSet
+from histosynth.runtime import Runtime
+
+SPEC = MetricSpec(
+    metrics=(Metric("balanced_accuracy", "balanced accuracy"), Metric("macro_f1", "macro-F1"),
+             Metric("auc", "AUC (one-vs-rest)"), Metric("minority_sensitivity", "minority sensitivity"),
+             Metric("accuracy", "accuracy", plotted=False)),
+    primary="balanced_accuracy", control="balanced_accuracy")
+
+
+def minority_class(data: TileSet) -> str:
+    """The class with the fewest real training tiles."""
+    real = data.labels[~data.synthetic] if data.synthetic is not None else data.labels
+    counts = np.bincount(real, minlength=len(data.classes))
+    return data.classes[int(np.argmin(counts))]
+
+
+class Classification:
+    name = "classification"
+    config = ClassifierConfig
+    spec = SPEC
+    augment_policies = POLICIES
+
+    def chance(self, classes: Sequence[str]) -> dict[str, float]:
+        return {"balanced_accuracy": 1.0 / len(classes), "auc": 0.5}
+
+    def image_size(self, cfg: ClassifierConfig) -> int:
+        return cfg.model.image_size
+
+    def describe(self, cfg: ClassifierConfig) -> str:
+        return (f"{cfg.model.variant} at {cfg.model.image_size} px, weights "
+                f"{cfg.model.weights or 'none (from scratch)'}, up to {cfg.train.epochs} epochs, early "
+                f"stopping patience {cfg.train.patience} on validation balanced accuracy")
+
+    def run_cell(self, cfg: ClassifierConfig, arm, seed: int, train: TileSet, val: TileSet, test: TileSet,
+                 cell: Path, progress: bool) -> dict[str, float]:
+        ds = TileDataset(train.images, train.labels, build_augment(arm.augment, seed))
+        ccfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, class_weights=arm.class_weights))
+        res = fit(ccfg, ds, val.images, val.labels, train.classes, cell, seed, arm.sampler, progress,
+                  desc=f"{arm.name} seed {seed}", keep_final_state=False)
+        t = cfg.train
+        rt = Runtime.from_choices(t.device, t.amp, t.channels_last)
+        model, _ = load_best(cell, rt.device)
+        probs = predict(rt.prepare(model), test.images, rt)
+        m = classification_metrics(test.labels, probs, train.classes)
+        atomic_write(cell / "test_predictions.npz",
+                     lambda f: np.savez(f, probs=probs, labels=test.labels, classes=np.array(train.classes)))
+        atomic_write_text(cell / "metrics.json", json.dumps(m, indent=1, default=float))
+        return {"epochs_run": res["epochs_run"], "best_epoch": res["best_epoch"],
+                "val_balanced_accuracy": res["best_val_balanced_accuracy"],
+                **{k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auc")},
+                "minority_sensitivity": m["per_class"][minority_class(train)]["sensitivity"]}
+
+    def plots(self, summary: dict, rows: list[dict], out: Path) -> dict[str, str]:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import seaborn as sns
+        from sklearn.metrics import roc_curve
+
+        names, classes = list(summary["arms"]), summary["classes"]
+        palette = dict(zip(names, sns.color_palette("deep", len(names))))
+        figs: dict[str, str] = {}
+
+        def save(fig, title, name):
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=100)
+            plt.close(fig)
+            figs[title] = name
+
+        def cells(n: str, file: str) -> list[Path]:
+            return [Path(r["cell_dir"]) / file for r in rows
+                    if r["arm"] == n and (Path(r["cell_dir"]) / file).is_file()]
+
+        per_class = {n: [json.loads(p.read_text())["per_class"] for p in cells(n, "metrics.json")] for n in names}
+        heat = np.array([[np.mean([pc[c]["sensitivity"] for pc in per_class[n]]) if per_class[n] else math.nan
+                          for c in classes] for n in names])
+        fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 0.45 * len(names) + 1.5))
+        sns.heatmap(heat, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", xticklabels=classes,
+                    yticklabels=names, ax=ax, cbar_kws={"label": "sensitivity"})
+        ax.set_title("per-class sensitivity (mean over seeds)")
+        save(fig, "Per-class sensitivity", "per_class_sensitivity.png")
+
+        preds = {n: [np.load(p) for p in cells(n, "test_predictions.npz")] for n in names}
+        cols = min(3, len(names))
+        rows_n = math.ceil(len(names) / cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.2 * rows_n), squeeze=False)
+        for ax, n in zip(axes.flat, names):
+            if not preds[n]:
+                ax.set_visible(False)
+                continue
+            k = len(classes)
+            cm = sum(np.bincount(p["labels"] * k + p["probs"].argmax(1), minlength=k * k).reshape(k, k)
+                     for p in preds[n])
+            norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+            sns.heatmap(norm, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="Blues", cbar=False, ax=ax,
+                        xticklabels=classes, yticklabels=classes)
+            ax.set_title(f"{n} ({len(preds[n])} seeds)", fontsize=9)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+        for ax in list(axes.flat)[len(names):]:
+            ax.set_visible(False)
+        save(fig, "Confusion matrices (summed over seeds, rows normalised)", "confusion_matrices.png")
+
+        fig, axes = plt.subplots(1, len(classes), figsize=(3.3 * len(classes), 3.3), squeeze=False)
+        for ci, (ax, c) in enumerate(zip(axes[0], classes)):
+            for n in names:
+                if not preds[n]:
+                    continue
+                y = np.concatenate([p["labels"] for p in preds[n]]) == ci
+                score = np.concatenate([p["probs"][:, ci] for p in preds[n]])
+                if 0 < y.sum() < len(y):
+                    fpr, tpr, _ = roc_curve(y, score)
+                    ax.plot(fpr, tpr, lw=1.2, color=palette[n], label=n)
+            ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+            ax.set_title(f"{c} vs rest (pooled seeds)", fontsize=9)
+            ax.set_xlabel("1 - specificity")
+            ax.set_ylabel("sensitivity")
+        axes[0][-1].legend(fontsize=7, loc="lower right")
+        save(fig, "ROC curves", "roc_curves.png")
+        return figs
+
+
+DOWNSTREAM = Classification()

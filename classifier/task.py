@@ -1,0 +1,171 @@
+"""The classifier as an engine task: an EfficientNet trained on tiles, validated every epoch.
+
+One ``train_step`` is one batch: cross-entropy (optional class weights and label smoothing),
+AdamW; the engine adds the warm-up + cosine schedule, validation every epoch (balanced accuracy
+decides best.pt and early stopping), checkpoints, torchrun gradient averaging and exact resume.
+
+Batches are a pure function of (seed, step): epoch ``e`` is a permutation of the training tiles
+(``random``) or a class-balanced draw with replacement by torchsampler's weights (``balanced``),
+from a generator seeded by (seed, e); each tile's augmentation is seeded by (seed, step, position).
+So the data order and the augmentation need no saved state, do not depend on the number of
+torchrun processes (each takes its share of the same global batch) or of DataLoader workers,
+and a run resumes exactly at any step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from classifier.config import ClassifierConfig
+from classifier.data import TileDataset, normalise
+from classifier.metrics import classification_metrics
+from classifier.model import create_classifier
+from histosynth.engine import require_divisible
+from histosynth.roles import Criterion, LRSchedule, Plan
+from histosynth.runtime import Runtime, eval_mode
+
+SAMPLERS = ("random", "balanced")
+CRITERION = Criterion("val_balanced_accuracy", "max")
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """``n / (k * n_c)`` per class (scikit-learn's 'balanced'); absent classes get weight 0."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: np.ndarray, rt: Runtime, batch_size: int = 128,
+            progress: bool = False, desc: str = "predicting") -> np.ndarray:
+    """Softmax probabilities (N x k, float64) for uint8 tiles ``N x 3 x S x S``."""
+    out = []
+    with eval_mode(model):
+        for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+            x = rt.batch(normalise(torch.from_numpy(np.array(images[i:i + batch_size]))))
+            with rt.autocast():
+                logits = model(x)
+            out.append(torch.softmax(logits.float(), 1).cpu().double())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches per pass over ``n`` tiles (the remainder is dropped: no size-1 BatchNorm
+    batch); a set smaller than one batch is one batch."""
+    return max(1, n // batch_size)
+
+
+class StepBatches(Dataset):
+    """Item ``k`` is this rank's share of the global batch of training step ``k``: (normalised
+    images, labels), a deterministic function of (seed, k). A DataLoader over a range of steps
+    (``batch_size=None``) prefetches them in workers when there are any."""
+
+    def __init__(self, data: TileDataset, batch_size: int, seed: int, sampler: str = "random",
+                 rank: int = 0, world: int = 1):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        self.data, self.seed, self.sampler, self.rank, self.world = data, seed, sampler, rank, world
+        self.batch_size = min(batch_size, len(data))
+        self.steps_per_epoch = steps_per_epoch(len(data), batch_size)
+        if sampler == "balanced":                # torchsampler's weights: 1 / count of the tile's class
+            from torchsampler import ImbalancedDatasetSampler
+            self.weights = torch.as_tensor(ImbalancedDatasetSampler(data).weights, dtype=torch.double)
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return 2 ** 62          # as many steps as a run asks for
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The tiles of ``epoch`` in the order they are drawn (one generator per epoch)."""
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            n = self.steps_per_epoch * self.batch_size
+            self._order = (torch.multinomial(self.weights, n, replacement=True, generator=g)
+                           if self.sampler == "balanced" else torch.randperm(len(self.data), generator=g)[:n])
+            self._epoch = epoch
+        return self._order
+
+    def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tile indices, positions in the global batch) of this rank's share of ``step``."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        idx = self.order(epoch)[j * self.batch_size:(j + 1) * self.batch_size].numpy()
+        pos = np.arange(len(idx))
+        return idx[self.rank::self.world], pos[self.rank::self.world]
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, pos = self.indices(step)
+        items = [self.data.item(int(i), (self.seed, step, int(p))) for i, p in zip(idx, pos)]
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+class ClassifierTask:
+    """Train ``cfg``'s EfficientNet on ``train``; validate on ``val_images`` / ``val_labels``."""
+
+    def __init__(self, cfg: ClassifierConfig, train: TileDataset, val_images: np.ndarray,
+                 val_labels: np.ndarray, classes: list[str], rt: Runtime, seed: int,
+                 sampler: str = "random", keep_final_state: bool = True):
+        m, t = cfg.model, cfg.train
+        self.cfg, self.rt, self.classes = cfg, rt, list(classes)
+        self.val_images, self.val_labels = val_images, val_labels
+        require_divisible(t.batch_size, rt.world, "train.batch_size")
+        self.model = rt.prepare(create_classifier(m.variant, len(classes), m.weights, m.dropout, m.bn_momentum))
+        self.modules = {"model": self.model}
+        self.optimizers = {"model": torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+                                                      fused=rt.device.type == "cuda")}
+        self.ema_names: tuple[str, ...] = ()
+        self.batches = StepBatches(train, t.batch_size, seed, sampler, rt.rank, rt.world)
+        spe = self.batches.steps_per_epoch
+        self.plan = Plan(steps=t.epochs * spe, log_every=spe, checkpoint_every=spe, evaluate_every=spe,
+                         criterion=CRITERION, patience=t.patience, min_steps=t.min_epochs * spe,
+                         lr=LRSchedule("cosine", warmup=round(t.warmup_epochs * spe)),
+                         images_per_step=self.batches.batch_size, keep_final_state=keep_final_state)
+        self.weight = (class_weights(train.labels, len(classes)).to(rt.device)
+                       if t.class_weights == "balanced" else None)
+        self.step = 0
+        self._loader = None
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._loader is None:                 # starts at the (resumed) step
+            # its own generator: creating the iterator would otherwise draw from the global RNG
+            # (which dropout uses) at a step that differs between a resumed and a whole run
+            self._loader = iter(DataLoader(self.batches, batch_size=None, sampler=range(self.step, self.plan.steps),
+                                           num_workers=self.cfg.train.num_workers, generator=torch.Generator(),
+                                           pin_memory=self.rt.device.type == "cuda"))
+        return next(self._loader)
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        x, y = self._next_batch()
+        x, y = self.rt.batch(x), y.to(self.rt.device, non_blocking=True)
+        with self.rt.autocast():
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, weight=self.weight, label_smoothing=self.cfg.train.label_smoothing)
+        opt = self.optimizers["model"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        self.step += 1
+        return {"train_loss": loss.detach()}
+
+    def evaluate(self, models: Mapping[str, torch.nn.Module]) -> dict[str, float]:
+        m = classification_metrics(self.val_labels, predict(models["model"], self.val_images, self.rt), self.classes)
+        return {"val_balanced_accuracy": m["balanced_accuracy"], "val_macro_f1": m["macro_f1"], "val_auc": m["auc"]}
+
+    def visualise(self, models) -> None:
+        return None
+
+    def info(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return {"classes": self.classes, "variant": m.variant, "image_size": m.image_size,
+                "steps_per_epoch": self.batches.steps_per_epoch}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self._loader = int(state["step"]), None

@@ -1,0 +1,242 @@
+"""The class-conditional GAN task every adversarial family shares (DCGAN, SNGAN, WGAN-GP).
+
+A family module gives its networks and paper loss to :func:`adversarial_family`; everything else
+is here: the training data (a decoded tile cache of class folders), the :class:`GANTask` the
+engine trains (``n_dis`` discriminator updates then one generator update per step, stylegan2-ada
+style maths in one object), and :class:`NoiseSampler`, the :class:`~histosynth.roles.Generator`
+of a trained run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from gans.config import GANConfig
+from gans.diffaugment import diff_augment, parse_policy
+from gans.losses import AdversarialLoss, gradient_penalty
+from gans.registry import Family, create_model
+from histosynth import config as configlib
+from histosynth.checkpoint import sha256_file
+from histosynth.config import ConfigError
+from histosynth.data import BatchSampler, TileCache, cache_dir_of, flip_rot90, to_uint8, to_unit_range
+from histosynth.engine import module_state, require_divisible
+from histosynth.paths import resolve_data_path
+from histosynth.roles import Grid
+from histosynth.runtime import Runtime, compiled, eval_mode
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def load_data(cfg: GANConfig, progress: bool = True) -> TileCache:
+    d = cfg.data
+    ref = str(resolve_data_path(d.stain_reference)) if d.stain_reference else None
+    return TileCache.build(resolve_data_path(d.root), d.image_size, d.stain_norm, ref,
+                           cache_dir_of(d), progress=progress)
+
+
+def provenance(cfg: GANConfig, data: TileCache) -> dict:
+    """data.json: classes, counts, skipped files and the sha256 of every training file
+    (gan-generate copies them into the synthetic set's source.json, so augment-compare can prove
+    no validation/test image trained the generator)."""
+    root = resolve_data_path(cfg.data.root)
+    return {"root": str(root.resolve()), "classes": data.classes, "counts": data.class_counts(),
+            "skipped": data.skipped, "files_sha256": {f: sha256_file(root / f) for f in data.files}}
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling a trained generator
+
+
+class NoiseSampler:
+    """The :class:`~histosynth.roles.Generator` of a ``G(z, y)`` network: tile ``i`` is
+    ``G(z_i, labels[i])`` with ``z_i`` drawn from a generator seeded by ``seeds[i]``."""
+
+    def __init__(self, G: nn.Module, classes: list[str], z_dim: int, image_size: int,
+                 device: torch.device | str = "cpu", autocast: Callable[[], Any] = contextlib.nullcontext):
+        self.G, self.classes, self.z_dim, self.image_size = G, classes, z_dim, image_size
+        self.device, self.autocast = torch.device(device), autocast
+        self.conditional = bool(getattr(G, "num_classes", 0))
+
+    @torch.no_grad()
+    def sample(self, labels: Sequence[int], seeds: Sequence[int], **options: Any) -> torch.Tensor:
+        if options:
+            raise ConfigError("", f"a GAN generator takes no sampling options (got {', '.join(options)})")
+        z = torch.stack([torch.randn(self.z_dim, generator=torch.Generator().manual_seed(int(s)))
+                         for s in seeds]).to(self.device)
+        y = torch.as_tensor(list(labels), dtype=torch.long, device=self.device) if self.conditional else None
+        with eval_mode(self.G), self.autocast():
+            return to_uint8(self.G(z, y)).cpu()                  # B x 3 x S x S uint8
+
+
+def _from_checkpoint(ck: dict, weights: str = "ema", device: Any = "cpu") -> NoiseSampler:
+    cfg = configlib.build(GANConfig, ck["config"])
+    info = ck["info"]
+    num_classes = int(info["num_classes"])
+    G, _ = create_model(ck["task"], cfg.data.image_size, num_classes, cfg.model.z_dim, cfg.model.ch)
+    G.load_state_dict(module_state(ck, "G", weights))
+    classes = list(info["classes"]) if num_classes else ["all"]
+    return NoiseSampler(G.to(device).eval(), classes, cfg.model.z_dim, cfg.data.image_size, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# the task
+
+
+class GANTask:
+    """Everything model-specific about training a (class-conditional) GAN on a tile cache.
+
+    One ``train_step``: ``n_dis`` discriminator updates, each on a fresh real batch and fresh
+    fakes of the same labels, then one generator update for the labels of the last real batch.
+    """
+
+    def __init__(self, cfg: GANConfig, data: TileCache, rt: Runtime):
+        self.cfg, self.data, self.rt = cfg, data, rt
+        t = cfg.train
+        require_divisible(t.batch_size, rt.world, "train.batch_size")
+        self.plan = t.plan(images_per_step=t.n_dis * t.batch_size)
+        self.num_classes = len(data.classes) if cfg.model.conditioning == "class" else 0
+        G, D = create_model(cfg.model.family, cfg.data.image_size, self.num_classes,
+                            cfg.model.z_dim, cfg.model.ch)
+        self.G, self.D = rt.prepare(G), rt.prepare(D)
+        fused = {"fused": True} if rt.device.type == "cuda" else {}
+        self.modules = {"G": self.G, "D": self.D}
+        # the steps call these: the modules, or torch.compile's wrappers (train.compile: on)
+        self.run_G, self.run_D = compiled(self.G, t.compile), compiled(self.D, t.compile)
+        self.optimizers = {
+            "G": torch.optim.Adam(self.G.parameters(), lr=t.lr_g, betas=t.betas, **fused),
+            "D": torch.optim.Adam(self.D.parameters(), lr=t.lr_d, betas=t.betas, **fused),
+        }
+        self.ema_names = ("G",)
+        self.loss = AdversarialLoss(cfg.loss.type, cfg.loss.label_smoothing)
+        self.gp_weight = cfg.loss.gp_weight
+        self.policy = parse_policy(t.diffaugment)
+        self.sampler = BatchSampler(len(data), t.batch_size, t.seed, rt.rank, rt.world)
+        self.aug_gen = torch.Generator().manual_seed(t.seed + 1)
+        self.labels = torch.from_numpy(np.asarray(data.labels))
+        g = torch.Generator().manual_seed(t.seed + 2)
+        rows = max(self.num_classes, 1)
+        self.fixed_z = torch.randn(rows * t.samples_per_class, cfg.model.z_dim, generator=g)
+        self.fixed_y = torch.arange(rows).repeat_interleave(t.samples_per_class)
+
+    # -- data --------------------------------------------------------------------------------
+    def real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's share of the next global batch: images in [-1, 1] and labels (or None)."""
+        idx = self.sampler.next()
+        x = torch.from_numpy(np.ascontiguousarray(self.data.images[idx.numpy()]))  # B x 3 x S x S uint8
+        x = flip_rot90(x, self.aug_gen, self.cfg.data.augment, self.rt.shard)
+        x = to_unit_range(self.rt.batch(x))
+        y = self.labels[idx].to(self.rt.device) if self.num_classes else None
+        return x, y
+
+    def _noise(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.cfg.model.z_dim, device=self.rt.device)
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        return diff_augment(x, self.policy) if self.policy else x
+
+    # -- one step ------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for _ in range(self.cfg.train.n_dis):
+            real, y = self.real_batch()
+            out.update(self.d_step(real, y))
+        out.update(self.g_step(y))
+        return out
+
+    def d_step(self, real: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One discriminator update on ``real`` and as many fresh fakes of labels ``y``."""
+        self.D.requires_grad_(True)
+        with torch.no_grad(), self.rt.autocast():
+            fake = self.run_G(self._noise(real.shape[0]), y)
+        with self.rt.autocast():
+            real_logits = self.run_D(self._augment(real), y).float()
+            fake_logits = self.run_D(self._augment(fake), y).float()
+            loss = self.loss.d(real_logits, fake_logits)
+        total = loss
+        out = {"loss_d": loss.detach(), "d_real": real_logits.mean().detach(),
+               "d_fake": fake_logits.mean().detach()}
+        if self.gp_weight > 0:
+            gp = gradient_penalty(self.D, self._augment(real), self._augment(fake.float()), y)
+            total = total + self.gp_weight * gp
+            out["gp"] = gp.detach()
+        opt = self.optimizers["D"]
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        return out
+
+    def g_step(self, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One generator update on a batch of fakes of labels ``y`` (this rank's share)."""
+        n = self.cfg.train.batch_size // self.rt.world
+        self.D.requires_grad_(False)
+        with self.rt.autocast():
+            fake = self.run_G(self._noise(n), y)
+            loss = self.loss.g(self.run_D(self._augment(fake), y).float())
+        opt = self.optimizers["G"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        self.D.requires_grad_(True)
+        return {"loss_g": loss.detach()}
+
+    # -- evaluation, pictures and state --------------------------------------------------------
+    def generator(self, G: nn.Module) -> NoiseSampler:
+        classes = list(self.data.classes) if self.num_classes else ["all"]
+        return NoiseSampler(G, classes, self.cfg.model.z_dim, self.cfg.data.image_size, self.rt.device,
+                            self.rt.autocast)
+
+    def evaluate(self, models) -> dict[str, float]:
+        """KID (pixel features) between a fixed seeded subset of real tiles and as many tiles of the
+        same labels drawn by the (EMA) generator from fixed seeds: comparable across steps."""
+        from metrics.distribution import kid
+        from metrics.features import PixelExtractor
+
+        t = self.cfg.train
+        g = torch.Generator().manual_seed(t.seed + 7)
+        idx = torch.randperm(len(self.data), generator=g)[:t.kid_samples]
+        real = torch.from_numpy(np.array(self.data.images[idx.numpy()]))
+        labels = self.labels[idx].tolist() if self.num_classes else [0] * len(idx)
+        gen, seeds = self.generator(models["G"]), range(t.seed * 100_000, t.seed * 100_000 + len(idx))
+        fake = torch.cat([gen.sample(labels[s:s + 64], seeds[s:s + 64]) for s in range(0, len(idx), 64)])
+        ext = PixelExtractor()
+        return {"kid": kid(ext(real).double(), ext(fake).double())}
+
+    @torch.no_grad()
+    def visualise(self, models) -> Grid:
+        """Fixed-noise samples (one row per class): float images in [-1, 1], row length, row labels."""
+        G = models["G"]
+        y = self.fixed_y.to(self.rt.device) if self.num_classes else None
+        with eval_mode(G), self.rt.autocast():
+            imgs = G(self.fixed_z.to(self.rt.device), y).float().cpu()
+        labels = self.data.classes if self.num_classes else ["(unconditional)"]
+        return imgs, self.cfg.train.samples_per_class, labels
+
+    def info(self) -> dict:
+        return {"classes": list(self.data.classes), "num_classes": self.num_classes}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "aug_gen": self.aug_gen.get_state(), **self.info()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["classes"]) != list(self.data.classes):
+            raise ConfigError("data.root", f"the checkpoint was trained on classes {state['classes']}, "
+                                           f"the data now has {self.data.classes}")
+        self.sampler.load_state_dict(state["sampler"])
+        self.aug_gen.set_state(state["aug_gen"])
+
+
+def adversarial_family(name: str, networks: Callable[..., tuple[nn.Module, nn.Module]],
+                       default_loss: str, paper: str) -> Family:
+    """The :class:`~gans.registry.Family` of a class-conditional GAN with these networks."""
+    return Family(name=name, paper=paper, config=GANConfig, load_data=load_data, provenance=provenance,
+                  build_task=GANTask, from_checkpoint=_from_checkpoint,
+                  class_conditional=lambda cfg: cfg.model.conditioning == "class",
+                  networks=networks, default_loss=default_loss)
+
