@@ -16,21 +16,6 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable, unsafe or of another model; the message says which."""
 
 
-_FAILPOINT = {"n": 0}
-
-
-def _failpoint() -> None:
-    """Fault injection for the harness (tests/fault_harness.py): with HISTOSYNTH_FAILPOINT=N the
-    process SIGKILLs itself inside its N-th atomic write, after the temporary file is written and
-    before it replaces the target -- the worst moment. Unset (always, outside the harness): no-op."""
-    n = os.environ.get("HISTOSYNTH_FAILPOINT")
-    if n:
-        _FAILPOINT["n"] += 1
-        if _FAILPOINT["n"] == int(n):
-            import signal
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync, then rename over ``path``.
 
@@ -56,7 +41,6 @@ def atomic_fill(path: str | Path, fill: Callable[[Path], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _failpoint()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -8,7 +8,9 @@ processes under torchrun, the whole process tree killed as a pre-empted job is; 
 augment-compare cell killed mid-training; compare: a 2 x 2 augment-compare run) the harness runs it once uninterrupted,
 then again under fire (as many runs as it takes to land the kills): each attempt is SIGKILLed either after a random delay or, every other
 attempt, inside an atomic write (HISTOSYNTH_FAILPOINT: after the temporary file is written,
-before it replaces the target) and then restarted with the resume command, until it finishes.
+before it replaces the target; injected by tests/failpoint/sitecustomize.py, which the harness
+puts on PYTHONPATH: histosynth has no fault hook of its own) and then restarted with the resume
+command, until it finishes.
 Checked at the end: the run reached its configured end, every checkpoint loads
 (``weights_only=True``), no temporary file is left, no traceback was printed by a resume, and
 the final weights (GANs: G, D, EMA, optimizers; classifier/compare: best weights, every
@@ -209,7 +211,8 @@ def run_job(name: str, kills: int, work: Path, seed: int) -> dict:
     """The uninterrupted run, then faulted runs (as many rounds as it takes to inject ``kills``
     SIGKILLs: a short job can finish before all of them land), each compared with it."""
     start, resume, final, distributed = JOBS[name]()   # distributed: torchrun, several processes
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HISTOSYNTH_CACHE": str(work / "cache")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "failpoint")]),
+           "HISTOSYNTH_CACHE": str(work / "cache")}
     ref = work / f"{name}-ref"
     shutil.rmtree(ref, ignore_errors=True)
     t0 = time.time()
