@@ -215,6 +215,12 @@ def _filter(F: TileCache, fake_root: Path, dst: Path, mem: dict) -> dict:
             rows = [r for r in csv.DictReader(f) if r.get("file") in keep]
         if rows:
             atomic_write_csv(dst / "manifest.csv", rows, list(rows[0]))
+    source = fake_root / "source.json"
+    if source.is_file():        # the same generator's tiles: its provenance holds for the subset
+        info = json.loads(source.read_text())
+        info["filtered"] = {"from": str(fake_root.resolve()), "by": "piq-report --filter (memorisation "
+                            "near-copies removed)", "kept": len(kept), "removed": int(flagged.sum())}
+        atomic_write_text(dst / "source.json", json.dumps(info, indent=1))
     return {"folder": str(dst), "kept": len(kept), "removed": int(flagged.sum())}
 
 

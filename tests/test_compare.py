@@ -312,3 +312,34 @@ def test_cells_spread_over_two_worker_processes_give_the_serial_results(crc_mini
         assert a[cell] == b[cell], cell
     assert (par / "report.html").is_file()
     assert compare_main(["--cfg", str(cfg), "--out", str(par), "--no-progress", "--workers", "0"]) == 2
+
+
+def test_generate_filter_then_compare_chain_passes_the_leakage_guard(crc_mini, tmp_path):
+    """train-gan on the training split -> gan-generate -> piq-report --filter -> an arm that uses
+    the filtered folder: the filtered set keeps its manifest and provenance (source.json), so the
+    leakage guard verifies it instead of refusing it as unverified."""
+    from conftest import tiny_overrides
+    from gans.generate import main as generate_main
+    from gans.train_gan import main as train_main
+    from metrics.report import main as report_main
+
+    data = _split_tree(crc_mini, tmp_path / "data")
+    run, synth, filt = tmp_path / "run", tmp_path / "synth", tmp_path / "filtered"
+    assert train_main(["--cfg", "dcgan", "--out", str(run), "--no-progress",
+                       *sum((["--set", s] for s in tiny_overrides(data / "train")), [])]) == 0
+    assert generate_main(["--run", str(run), "--per-class", "3", "--out", str(synth), "--no-progress"]) == 0
+    victim = image_files(data / "train")[0]          # a planted copy of a training tile is filtered out
+    shutil.copy(victim, synth / victim.parent.name / f"copy{victim.suffix}")
+    assert report_main(["--real", str(data / "test"), "--fake", str(synth), "--train", str(data / "train"),
+                        "--extractor", "pixels", "--out", str(tmp_path / "report"), "--filter", str(filt),
+                        "--size", "32", "--boot", "2", "--no-progress"]) == 0
+    assert not list(filt.rglob(f"copy{victim.suffix}")) and (filt / "source.json").is_file()
+    info = json.loads((filt / "source.json").read_text())
+    assert info["filtered"]["removed"] >= 1 and info["train_files_sha256"]
+    arms = f"[{{name: real_only}}, {{name: filtered, synthetic: {{source: '{filt}', ratio: 1.0}}}}]"
+    s = run_compare(_cfg(f"data.root={data}", "gan.config=null", f"arms={arms}", "seeds=[0]", *FAST),
+                    tmp_path / "cmp", progress=False)
+    src = s["data"][f"synthetic source {filt}"]
+    assert src["verified"] and src["generator_train_files"] == len(image_files(data / "train"))
+    rows = list(csv.DictReader(open(tmp_path / "cmp" / "results.csv")))
+    assert {r["arm"]: int(r["n_train_synthetic"]) for r in rows} == {"real_only": 0, "filtered": 6}
