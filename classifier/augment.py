@@ -14,10 +14,12 @@ The geometric names mean what they mean everywhere in histosynth (the GANs' ``da
 
 from __future__ import annotations
 
+import random
 from typing import Literal
 
 import albumentations as A
 import cv2
+import numpy as np
 
 AugmentPolicy = Literal["none", "flip", "flip_rot90", "stain", "classic"]
 POLICIES = ("none", "flip", "flip_rot90", "stain", "classic")
@@ -46,4 +48,9 @@ def build_augment(policy: str, seed: int) -> A.Compose:
         ] + stain
     else:
         raise ValueError(f"unknown augmentation policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    return A.Compose(ops, seed=seed)
+    tf = A.Compose(ops)
+    # one generator for the whole pipeline: Compose(seed=...) gives every transform its own
+    # generator with the SAME seed, so e.g. HorizontalFlip and VerticalFlip always agree (2 of the
+    # 4 flips) and the colour and stain jitters draw the same numbers
+    tf.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    return tf

@@ -143,3 +143,16 @@ def test_interrupted_fit_resumes_to_the_same_weights(sampler, crc_mini, tmp_path
     # every epoch's training loss (to the last bit) and validation scores are the same
     ha = safe_load(RunDir(tmp_path / "whole").last)["engine"]["history"]
     assert ha == safe_load(RunDir(tmp_path / "cut").last)["engine"]["history"] and len(ha) == 3
+
+
+@pytest.mark.parametrize("name, count", [("none", 1), ("flip", 4), ("flip_rot90", 8)])
+def test_one_augment_name_means_the_same_symmetries_for_the_gans_and_the_classifier(name, count):
+    """``flip`` (4 symmetries) and ``flip_rot90`` (all 8) draw the same set of images whether the
+    GAN loop (tensor flips) or the classifier (albumentations) applies them."""
+    from histosynth.data import flip_rot90
+    tile = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4)            # no symmetry of its own
+    g = torch.Generator().manual_seed(0)
+    gan = {flip_rot90(torch.from_numpy(tile)[None], g, name)[0].numpy().tobytes() for _ in range(200)}
+    hwc = np.ascontiguousarray(tile.transpose(1, 2, 0))
+    clf = {build_augment(name, s)(image=hwc)["image"].transpose(2, 0, 1).copy().tobytes() for s in range(200)}
+    assert len(gan) == count and gan == clf
