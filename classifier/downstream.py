@@ -1,8 +1,9 @@
 """Classification as ``augment-compare``'s downstream task (``task: classification``).
 
-Each arm x seed cell trains an EfficientNet (:func:`classifier.train.fit`) on the arm's assembled
-training set with the arm's augmentation policy, sampler and class weights, early-stopped on
-validation balanced accuracy, and scores it on the real test split: accuracy, balanced accuracy,
+Each arm x seed cell trains an EfficientNet (:class:`classifier.task.ClassifierTask`, on the engine)
+on the arm's assembled training set with the arm's augmentation policy, sampler and class
+weights, early-stopped on validation balanced accuracy, and scores its best checkpoint on the
+real test split: accuracy, balanced accuracy,
 macro-F1, one-vs-rest AUC and the sensitivity of the minority class (fewest real training tiles).
 Per-class sensitivity / specificity / AUC and the confusion matrix go to the cell's
 ``metrics.json``, the test probabilities to ``test_predictions.npz``; the report's classification
@@ -23,7 +24,8 @@ from classifier.augment import POLICIES, build_augment
 from classifier.config import ClassifierConfig
 from classifier.data import TileDataset
 from classifier.metrics import classification_metrics
-from classifier.train import fit, load_best, predict
+from classifier.task import ClassifierTask, predict
+from classifier.train import model_from_checkpoint
 from histosynth.checkpoint import atomic_write, atomic_write_text
 from histosynth.roles import Metric, MetricSpec, TileSet
 from histosynth.runtime import Runtime
@@ -47,6 +49,8 @@ class Classification:
     config = ClassifierConfig
     spec = SPEC
     augment_policies = POLICIES
+    smoke = ("model.image_size=32", "model.bn_momentum=0.5", "train.batch_size=8", "train.epochs=2",
+             "train.patience=0", "train.min_epochs=0", "train.device=cpu")
 
     def chance(self, classes: Sequence[str]) -> dict[str, float]:
         return {"balanced_accuracy": 1.0 / len(classes), "auc": 0.5}
@@ -59,22 +63,25 @@ class Classification:
                 f"{cfg.model.weights or 'none (from scratch)'}, up to {cfg.train.epochs} epochs, early "
                 f"stopping patience {cfg.train.patience} on validation balanced accuracy")
 
-    def run_cell(self, cfg: ClassifierConfig, arm, seed: int, train: TileSet, val: TileSet, test: TileSet,
-                 cell: Path, progress: bool) -> dict[str, float]:
+    def runtime(self, cfg: ClassifierConfig) -> Runtime:
+        t = cfg.train
+        return Runtime.from_choices(t.device, t.amp, t.channels_last)
+
+    def build_task(self, cfg: ClassifierConfig, arm, seed: int, train: TileSet, val: TileSet,
+                   rt: Runtime) -> ClassifierTask:
         ds = TileDataset(train.images, train.labels, build_augment(arm.augment, seed))
         ccfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, class_weights=arm.class_weights))
-        res = fit(ccfg, ds, val.images, val.labels, train.classes, cell, seed, arm.sampler, progress,
-                  desc=f"{arm.name} seed {seed}", keep_final_state=False)
-        t = cfg.train
-        rt = Runtime.from_choices(t.device, t.amp, t.channels_last)
-        model, _ = load_best(cell, rt.device)
+        return ClassifierTask(ccfg, ds, val.images, val.labels, train.classes, rt, seed, arm.sampler)
+
+    def score(self, cfg: ClassifierConfig, best: dict, train: TileSet, test: TileSet, cell: Path) -> dict[str, float]:
+        rt = self.runtime(cfg)
+        model, info = model_from_checkpoint(best)
         probs = predict(rt.prepare(model), test.images, rt)
         m = classification_metrics(test.labels, probs, train.classes)
         atomic_write(cell / "test_predictions.npz",
                      lambda f: np.savez(f, probs=probs, labels=test.labels, classes=np.array(train.classes)))
         atomic_write_text(cell / "metrics.json", json.dumps(m, indent=1, default=float))
-        return {"epochs_run": res["epochs_run"], "best_epoch": res["best_epoch"],
-                "val_balanced_accuracy": res["best_val_balanced_accuracy"],
+        return {"best_epoch": info["epoch"], "val_balanced_accuracy": info["val_balanced_accuracy"],
                 **{k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auc")},
                 "minority_sensitivity": m["per_class"][minority_class(train)]["sensitivity"]}
 

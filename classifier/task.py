@@ -109,7 +109,7 @@ class ClassifierTask:
 
     def __init__(self, cfg: ClassifierConfig, train: TileDataset, val_images: np.ndarray,
                  val_labels: np.ndarray, classes: list[str], rt: Runtime, seed: int,
-                 sampler: str = "random", keep_final_state: bool = True):
+                 sampler: str = "random"):
         m, t = cfg.model, cfg.train
         self.cfg, self.rt, self.classes = cfg, rt, list(classes)
         self.val_images, self.val_labels = val_images, val_labels
@@ -124,7 +124,7 @@ class ClassifierTask:
         self.plan = Plan(steps=t.epochs * spe, log_every=spe, checkpoint_every=spe, evaluate_every=spe,
                          criterion=CRITERION, patience=t.patience, min_steps=t.min_epochs * spe,
                          lr=LRSchedule("cosine", warmup=round(t.warmup_epochs * spe)),
-                         images_per_step=self.batches.batch_size, keep_final_state=keep_final_state)
+                         images_per_step=self.batches.batch_size)
         self.weight = (class_weights(train.labels, len(classes)).to(rt.device)
                        if t.class_weights == "balanced" else None)
         self.step = 0

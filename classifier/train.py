@@ -39,14 +39,20 @@ def checkpoint_info(ck: dict) -> dict:
             "epoch": int(ck["step"]) // info["steps_per_epoch"]}
 
 
+def model_from_checkpoint(ck: dict) -> tuple[torch.nn.Module, dict]:
+    """The classifier a checkpoint holds (eval mode, on the CPU) and its info."""
+    info = checkpoint_info(ck)
+    model = create_classifier(info["variant"], len(info["classes"]))
+    model.load_state_dict(ck["modules"]["model"])
+    return model.eval(), info
+
+
 def load_best(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """The best-validation model of a classifier run (eval mode) and its checkpoint info."""
     ck = engine.load_checkpoint(engine.RunDir(Path(run_dir)).checkpoint("best"), {TASK_NAME: None},
                                 "it is not a classifier checkpoint")
-    info = checkpoint_info(ck)
-    model = create_classifier(info["variant"], len(info["classes"]))
-    model.load_state_dict(ck["modules"]["model"])
-    return model.to(device).eval(), info
+    model, info = model_from_checkpoint(ck)
+    return model.to(device), info
 
 
 def fit(cfg: ClassifierConfig, train: TileDataset, val_images: np.ndarray, val_labels: np.ndarray,
@@ -58,8 +64,9 @@ def fit(cfg: ClassifierConfig, train: TileDataset, val_images: np.ndarray, val_l
     t = cfg.train
     rt = Runtime.from_choices(t.device, t.amp, t.channels_last)
     summary = engine.train(TASK_NAME, cfg, lambda rt: ClassifierTask(cfg, train, val_images, val_labels, classes,
-                                                                    rt, seed, sampler, keep_final_state),
-                           run_dir, rt, seed=seed, resume=True, progress=progress, desc=desc)
+                                                                    rt, seed, sampler),
+                           run_dir, rt, seed=seed, resume=True, progress=progress, desc=desc,
+                           keep_final_state=keep_final_state)
     spe = steps_per_epoch(len(train), t.batch_size)
     history = [{"epoch": row["step"] // spe, **{k: v for k, v in row.items() if k != "step"}}
                for row in summary["history"]]

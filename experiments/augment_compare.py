@@ -30,6 +30,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # `python experiments/augment_compare.py` without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,11 +40,12 @@ import yaml  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from experiments.assemble import assemble, synthetic_counts  # noqa: E402
-from experiments.config import CompareConfig  # noqa: E402
+from experiments.config import ArmConfig, CompareConfig  # noqa: E402
 from experiments.leakage import check_groups, check_real, file_hashes, verify_synthetic  # noqa: E402
 from experiments.report import summarise, write_report  # noqa: E402
 from experiments.splits import SPLITS, resolve_splits  # noqa: E402
 from histosynth import config as configlib  # noqa: E402
+from histosynth import engine  # noqa: E402
 from histosynth.checkpoint import (atomic_write_csv, atomic_write_text, remove_stale_temps,  # noqa: E402
                                    safe_load, sha256_file)
 from histosynth.cli import run_cli  # noqa: E402
@@ -222,6 +224,14 @@ def reopen_inputs(cfg: CompareConfig, split_roots: dict[str, str], source_roots:
     return caches, sources
 
 
+@dataclasses.dataclass
+class CellConfig:
+    """What a cell trained: the downstream section, the arm and the seed (its run's config.yaml)."""
+    downstream: Any
+    arm: ArmConfig
+    seed: int
+
+
 def run_cell(cfg: CompareConfig, arm, arm_index: int, seed: int, caches, sources, out: Path,
              progress: bool) -> dict:
     """One arm x seed: assemble the arm's training set, let the downstream task train and score
@@ -236,11 +246,18 @@ def run_cell(cfg: CompareConfig, arm, arm_index: int, seed: int, caches, sources
                        None if data.targets is None else data.targets[perm], data.synthetic)
     cell = out / "cells" / arm.name / f"seed{seed}"
     t0 = time.time()
-    scores = get_downstream(cfg.task).run_cell(cfg.downstream, arm, seed, data, caches["val"].tileset(),
-                                               caches["test"].tileset(), cell, progress)
+    task, dcfg, val = get_downstream(cfg.task), cfg.downstream, caches["val"].tileset()
+    rt = task.runtime(dcfg)
+    summary = engine.train(task.name, CellConfig(dcfg, arm, seed), lambda rt: task.build_task(dcfg, arm, seed, data, val, rt),
+                           cell, rt, seed=seed, resume=True, progress=progress, desc=f"{arm.name} seed {seed}",
+                           keep_final_state=False)
+    scores = task.score(dcfg, engine.load_checkpoint(engine.RunDir(cell).checkpoint("best")), data,
+                        caches["test"].tileset(), cell)
     return {"arm": arm.name, "seed": seed, "n_train_real": int((~data.synthetic).sum()),
-            "n_train_synthetic": int(data.synthetic.sum()), **scores,
+            "n_train_synthetic": int(data.synthetic.sum()), "steps_run": summary["step"],
+            "best_step": summary["best_step"], "stopped_early": summary["stopped_early"], **scores,
             "seconds": round(time.time() - t0, 1), "cell_dir": str(cell.relative_to(out))}
+
 
 
 def run_compare(cfg: CompareConfig, out: str | Path, overwrite: bool = False, progress: bool = True,

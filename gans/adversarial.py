@@ -232,11 +232,16 @@ class GANTask:
         self.aug_gen.set_state(state["aug_gen"])
 
 
+SMOKE = ("data.root=data/lung_demo/train", "data.image_size=32", "model.ch=8", "model.z_dim=16",
+         "train.batch_size=8", "train.steps=4", "train.checkpoint_every=2", "train.sample_every=2",
+         "train.log_every=1", "train.samples_per_class=2", "train.device=cpu")
+
+
 def adversarial_family(name: str, networks: Callable[..., tuple[nn.Module, nn.Module]],
                        default_loss: str, paper: str) -> Family:
     """The :class:`~gans.registry.Family` of a class-conditional GAN with these networks."""
-    return Family(name=name, paper=paper, config=GANConfig, load_data=load_data, provenance=provenance,
-                  build_task=GANTask, from_checkpoint=_from_checkpoint,
+    return Family(name=name, paper=paper, config=GANConfig, config_file=f"{name}.yaml", smoke=SMOKE,
+                  load_data=load_data, provenance=provenance, build_task=GANTask, from_checkpoint=_from_checkpoint,
                   class_conditional=lambda cfg: cfg.model.conditioning == "class",
                   networks=networks, default_loss=default_loss)
 

@@ -37,6 +37,11 @@ class Family:
     paper: str
     config: type
     """The typed config class of a run of this family (``train-gan`` builds it from the YAML)."""
+    config_file: str
+    """Its shipped config in configs/ (a CPU-sized run on the bundled demo data)."""
+    smoke: tuple[str, ...]
+    """``--set`` overrides of that config for a seconds-long CPU run on the bundled demo data
+    (the contract tests train every family with them)."""
     load_data: Callable[[Any, bool], Any]
     """(config, progress) -> the decoded training data (rank 0 decodes first under torchrun)."""
     provenance: Callable[[Any, Any], dict]

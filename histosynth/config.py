@@ -252,14 +252,17 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] | None = No
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain-Python dict of a config dataclass (lists instead of tuples: YAML- and pickle-safe)."""
+    """Plain-Python dict of a config dataclass, or of a mapping (lists instead of tuples: YAML-
+    and pickle-safe)."""
     def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return plain(dataclasses.asdict(v))
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v
-    return plain(dataclasses.asdict(cfg))
+    return plain(cfg)
 
 
 def dump_yaml(cfg: Any) -> str:

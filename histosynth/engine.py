@@ -221,11 +221,13 @@ def _fresh_engine_state() -> dict[str, Any]:
 
 def train(task_name: str, config: Any, build: Callable[[Runtime], Task], run: RunDir | str | Path,
           rt: Runtime, *, seed: int, resume: bool = False, progress: bool = True,
-          desc: str | None = None) -> dict[str, Any]:
+          desc: str | None = None, keep_final_state: bool = True) -> dict[str, Any]:
     """Train ``build(rt)``'s task into ``run`` to ``task.plan.steps`` (or its early stop).
 
     ``resume``: continue from ``run``'s last.pt when there is one (a finished run returns its
-    summary at once). Under torchrun every process calls this. Returns a summary: step, seconds,
+    summary at once). ``keep_final_state=False``: once finished, last.pt keeps only the run's
+    record (step, evaluation history, best), not its weights and optimizer state (best.pt has
+    the weights). Under torchrun every process calls this. Returns a summary: step, seconds,
     last logged row, device, the evaluation history, the best value and step, whether it stopped
     early. Raises NonFiniteLossError (after keeping the last good checkpoint) on NaN/Inf.
     """
@@ -235,16 +237,16 @@ def train(task_name: str, config: Any, build: Callable[[Runtime], Task], run: Ru
     with deterministic(rt.device.type == "cpu"):
         torch.manual_seed(seed)               # the same initial weights on every rank
         task = build(rt)
-        return _Engine(task_name, config, task, run, rt, dist, seed, progress, desc).run(resume)
+        return _Engine(task_name, config, task, run, rt, dist, seed, progress, desc, keep_final_state).run(resume)
 
 
 class _Engine:
     """One run of :func:`train` (its state in one place rather than in closures)."""
 
     def __init__(self, name: str, config: Any, task: Task, run: RunDir, rt: Runtime, dist: Dist,
-                 seed: int, progress: bool, desc: str | None):
+                 seed: int, progress: bool, desc: str | None, keep_final_state: bool):
         self.name, self.config, self.task, self.run_dir, self.rt, self.dist = name, config, task, run, rt, dist
-        self.seed, self.plan = seed, task.plan
+        self.seed, self.plan, self.keep_final_state = seed, task.plan, keep_final_state
         self.progress, self.desc = progress, desc or name
         if dist.active:
             for m in task.modules.values():
@@ -275,7 +277,7 @@ class _Engine:
         per_rank = self.dist.gather({"rng": _rng_state(), "task_state": self.task.state_dict()})
         if not self.dist.main:
             return
-        if final and not self.plan.keep_final_state:     # nothing left to resume: keep the record
+        if final and not self.keep_final_state:     # nothing left to resume: keep the record
             ck = {"format": CHECKPOINT_FORMAT, "task": self.name, "step": self.step,
                   "config": to_dict(self.config), "info": self.task.info(), "engine": dict(self.state)}
         else:
@@ -337,7 +339,8 @@ class _Engine:
             raise self._nan(", ".join(bad))
 
     def _evaluate(self, log, tb, last_row: dict) -> None:
-        metrics = self.task.evaluate(self._models()) if self.dist.main else None
+        with torch.no_grad():
+            metrics = self.task.evaluate(self._models()) if self.dist.main else None
         metrics = self.dist.broadcast(metrics)
         row = {"step": self.step, **metrics}
         log.write(json.dumps(row) + "\n")

@@ -40,15 +40,20 @@ def discover(package: str, attribute: str) -> dict[str, Any]:
     return found
 
 
+SEARCH_ROOTS = [PROJECT_ROOT]
+"""Folders whose packages may hold downstream tasks (the project's own checkout)."""
+
+
 @functools.cache
 def downstream_tasks() -> dict[str, Any]:
-    """``{name: DOWNSTREAM}`` of every package of the project that has a ``downstream`` module."""
+    """``{name: DOWNSTREAM}`` of every package under :data:`SEARCH_ROOTS` with a ``downstream`` module."""
     found: dict[str, Any] = {}
-    for info in sorted(pkgutil.iter_modules([str(PROJECT_ROOT)]), key=lambda m: m.name):
-        if info.ispkg and (PROJECT_ROOT / info.name / "downstream.py").is_file():
-            obj = getattr(importlib.import_module(f"{info.name}.downstream"), "DOWNSTREAM", None)
-            if obj is not None:
-                found[obj.name] = obj
+    for root in SEARCH_ROOTS:
+        for info in sorted(pkgutil.iter_modules([str(root)]), key=lambda m: m.name):
+            if info.ispkg and (root / info.name / "downstream.py").is_file():
+                obj = getattr(importlib.import_module(f"{info.name}.downstream"), "DOWNSTREAM", None)
+                if obj is not None:
+                    found.setdefault(obj.name, obj)
     return found
 
 

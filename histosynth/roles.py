@@ -97,7 +97,6 @@ class Plan:
     ema_start: int = 0                  # steps before the EMA starts averaging (it copies until then)
     lr: LRSchedule = field(default_factory=LRSchedule)
     images_per_step: int = 0            # real images one step consumes (all ranks): the images/s column
-    keep_final_state: bool = True       # False: a finished run's last.pt keeps only its record
 
 
 Grid = tuple[torch.Tensor, int, list[str]]
@@ -223,20 +222,26 @@ class TileSet:
 class Downstream(Protocol):
     """A downstream task of ``augment-compare`` (``task:`` in its config).
 
-    ``config`` is the typed class of the compare config's ``downstream:`` section; ``spec`` its
-    metrics; ``chance(classes)`` the chance level of the metrics that have one. ``run_cell``
-    trains one model on ``train`` (an arm's assembled set; the arm says the augmentation policy,
-    sampler and class weights), early-stopped on ``val``, and returns its scores on ``test``: a
-    flat mapping with every metric of ``metric_spec`` plus any scalars worth a results.csv column;
-    what plots need beyond that it leaves in ``cell`` (its folder; ``train.synthetic`` says which
-    tiles are synthetic, ``train.targets`` carries per-tile targets). ``plots`` draws the
-    task-specific figures of the report from the cells (the generic per-arm bars are drawn by the
-    report itself)."""
+    ``config`` is the typed class of the compare config's ``downstream:`` section, ``spec`` its
+    metrics, ``chance(classes)`` the chance level of those that have one, ``augment_policies``
+    the names an arm's ``augment`` may take, ``smoke`` ``--set`` overrides of the section for a
+    seconds-long CPU run (the contract tests use them).
+
+    The runner trains every arm x seed cell on the engine: ``build_task`` is the cell's
+    :class:`Task` (trained on ``train``, an arm's assembled set -- ``train.synthetic`` says which
+    tiles are synthetic, ``train.targets`` carries per-tile targets -- with the arm's augmentation
+    policy, sampler and class weights; its plan's criterion on ``val`` picks best.pt and early
+    stopping). ``score`` scores the best checkpoint on the real ``test`` split: a flat mapping
+    with every metric of ``spec`` plus any scalars worth a results.csv column; what plots need
+    beyond that it leaves in ``cell``. ``plots`` draws the task's own figures of the report
+    (``{title: file}``; the per-arm bars of every metric are the report's own).
+    """
 
     name: str
     config: type
     spec: MetricSpec
     augment_policies: tuple[str, ...]
+    smoke: tuple[str, ...]
 
     def chance(self, classes: Sequence[str]) -> dict[str, float]: ...
 
@@ -244,7 +249,12 @@ class Downstream(Protocol):
 
     def describe(self, cfg: Any) -> str: ...
 
-    def run_cell(self, cfg: Any, arm: Any, seed: int, train: TileSet, val: TileSet, test: TileSet,
-                 cell: Path, progress: bool) -> dict[str, float]: ...
+    def runtime(self, cfg: Any) -> Any:
+        """The :class:`~histosynth.runtime.Runtime` (device, precision, layout) cells train on."""
+        ...
+
+    def build_task(self, cfg: Any, arm: Any, seed: int, train: TileSet, val: TileSet, rt: Any) -> Task: ...
+
+    def score(self, cfg: Any, best: dict, train: TileSet, test: TileSet, cell: Path) -> dict[str, float]: ...
 
     def plots(self, summary: dict, rows: list[dict], out: Path) -> dict[str, str]: ...

@@ -2,6 +2,7 @@
 
     piq-report --real data/test --fake synth/ --train data/train --out report/
     piq-report --real A/test --fake translated/ --paired --out report/     # full-reference too
+    piq-report --real data/test --generator runs/sngan --per-class 200 --out report/   # draw, then score
 
 Writes ``OUT/report.html`` (self-contained: plots embedded), ``OUT/report.md``,
 ``OUT/metrics.json`` and the plots as PNGs:
@@ -147,13 +148,23 @@ def _stain(cache: TileCache, progress: bool = False) -> dict:
     return {c: mean_ci([r[c] for r in rows]) for c in STAIN_CHANNELS}
 
 
-def build_report(real: str, fake: str, out: str, train: str | None = None, paired: bool = False,
+def build_report(real: str, fake: str | None, out: str, train: str | None = None, paired: bool = False,
                  extractor: str = "auto", weights: str | None = None, size: int = 128,
                  filter_dir: str | None = None, overwrite: bool = False, progress: bool = True,
-                 n_boot: int = 10, prdc_max: int = PRDC_MAX_SAMPLES) -> dict:
+                 n_boot: int = 10, prdc_max: int = PRDC_MAX_SAMPLES, generator: str | None = None,
+                 per_class: int = 100, checkpoint: str = "last") -> dict:
+    """Score ``fake`` against ``real``; or, with ``generator`` (a trained run), first draw
+    ``per_class`` tiles per class from it (its Generator role, as gan-generate does) into
+    OUT/generated and score those."""
+    if (fake is None) == (generator is None):
+        raise ReportError("give --fake (a folder of synthetic tiles) or --generator (a trained run), not both")
     out_p = claim_output_dir(out, overwrite)
     if filter_dir and not train:
         raise ReportError("--filter needs --train (the near-copies are found against the training set)")
+    if generator is not None:
+        from gans.generate import generate
+        fake = str(out_p / "generated")
+        generate(generator, fake, per_class, progress=progress, checkpoint=checkpoint)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         ext = make_extractor(extractor, weights, train, progress)
@@ -374,7 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="piq-report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", required=True, help="real tiles (class sub-folders, or flat)")
-    p.add_argument("--fake", required=True, help="synthetic tiles (same layout)")
+    p.add_argument("--fake", help="synthetic tiles (same layout)")
+    p.add_argument("--generator", metavar="RUN", help="instead of --fake: draw tiles from this trained run "
+                                                      "(into OUT/generated, with gan-generate's manifest)")
+    p.add_argument("--per-class", type=int, default=100, help="with --generator: tiles per class (default 100)")
+    p.add_argument("--checkpoint", default="last", metavar="last|best|STEP",
+                   help="with --generator: which checkpoint of the run (default last)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--paired", action="store_true", help="also full-reference metrics, files paired by name")
     p.add_argument("--train", help="real training tiles: run the memorisation check against them")
@@ -397,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
         build_report(args.real, args.fake, args.out, args.train, args.paired, args.extractor,
                      args.weights, args.size, args.filter, args.overwrite, not args.no_progress,
-                     args.boot, args.prdc_max)
+                     args.boot, args.prdc_max, args.generator, args.per_class, args.checkpoint)
         print(f"piq-report: wrote {Path(args.out) / 'report.html'}, report.md and metrics.json")
         return 0
 

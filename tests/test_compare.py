@@ -304,7 +304,7 @@ def test_cells_spread_over_two_worker_processes_give_the_serial_results(crc_mini
     finally:
         torch.set_num_threads(threads)
     assert compare_main(["--cfg", str(cfg), "--out", str(par), "--no-progress", "--workers", "2"]) == 0
-    key = ("epochs_run", "best_epoch", "val_balanced_accuracy", "balanced_accuracy", "macro_f1", "auc")
+    key = ("steps_run", "best_epoch", "val_balanced_accuracy", "balanced_accuracy", "macro_f1", "auc")
     a = {(r["arm"], r["seed"]): [r[k] for k in key] for r in csv.DictReader(open(serial / "results.csv"))}
     b = {(r["arm"], r["seed"]): [r[k] for k in key] for r in csv.DictReader(open(par / "results.csv"))}
     assert len(b) == 4 and len(list(csv.DictReader(open(par / "results.csv")))) == 4

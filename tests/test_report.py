@@ -26,7 +26,7 @@ def synth(tmp_path_factory, trained_run, crc_mini):
 def test_report_files_rows_memorisation_and_filter(synth, crc_mini, tmp_path):
     out, filt = tmp_path / "P", tmp_path / "filtered"
     assert report_main(["--real", str(crc_mini), "--fake", str(synth), "--train", str(crc_mini),
-                        "--out", str(out), "--filter", str(filt), "--size", "64", "--boot", "3",
+                        "--out", str(out), "--filter", str(filt), "--size", "64", "--boot", "0",
                         "--no-progress"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     classes = sorted(d.name for d in crc_mini.iterdir() if d.is_dir())
@@ -92,3 +92,15 @@ def test_histology_extractor_is_trained_once_and_cached(crc_mini, monkeypatch):
     x = torch.from_numpy(np.array(TileCache.build(crc_mini, 64, progress=False).images[:4]))
     f = ext(x)
     assert f.shape == (4, 1280) and f.std() > 1e-3            # features that are not degenerate
+
+
+def test_a_report_can_draw_its_tiles_from_a_trained_generator(trained_run, crc_mini, tmp_path, capsys):
+    out = tmp_path / "P"
+    assert report_main(["--real", str(crc_mini), "--generator", str(trained_run), "--per-class", "3",
+                        "--out", str(out), "--size", "32", "--boot", "2", "--no-progress"]) == 0
+    classes = sorted(d.name for d in crc_mini.iterdir() if d.is_dir())
+    assert sorted(d.name for d in (out / "generated").iterdir() if d.is_dir()) == classes
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["counts"]["fake"] == 3 * len(classes) and sorted(m["per_class"]) == classes
+    assert report_main(["--real", str(crc_mini), "--out", str(tmp_path / "Q")]) == 2
+    assert "give --fake" in capsys.readouterr().err

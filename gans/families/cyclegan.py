@@ -449,6 +449,11 @@ def _evaluate_run(run: Path, progress: bool) -> dict:
     return evaluate_run(run, progress=progress)
 
 
-FAMILY = Family(name="cyclegan", paper="Zhu et al., ICCV 2017", config=CycleGANConfig, load_data=load_data,
-                provenance=provenance, build_task=CycleGANTask, from_checkpoint=_from_checkpoint,
-                finish=_evaluate_run)
+FAMILY = Family(name="cyclegan", paper="Zhu et al., ICCV 2017", config=CycleGANConfig,
+                config_file="cyclegan_cpu.yaml",
+                smoke=("data.root_a=data/lung_demo/train/lung_aca", "data.root_b=data/lung_demo/train/lung_n",
+                       "data.image_size=32", "model.ngf=8", "model.ndf=8", "model.n_blocks=2", "loss.pool_size=3",
+                       "train.batch_size=2", "train.steps=4", "train.checkpoint_every=2", "train.sample_every=2",
+                       "train.log_every=1", "train.device=cpu", "eval.max_images=2", "eval.tile=128"),
+                load_data=load_data, provenance=provenance, build_task=CycleGANTask,
+                from_checkpoint=_from_checkpoint, finish=_evaluate_run)
