@@ -27,13 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from gans.families.cyclegan import CycleGANConfig
-from gans.translate import load_translator
+from gans.registry import load_run
 from histosynth import config as configlib
 from histosynth.checkpoint import atomic_write_text
 from histosynth.cli import run_cli
 from histosynth.config import ConfigError
 from histosynth.images import UnreadableImage, list_images, read_rgb8
 from histosynth.paths import resolve_data_path
+from histosynth.roles import Translator
 from histosynth.runtime import resolve_device
 from histosynth.stain import STAIN_CHANNELS, MacenkoStain, ReinhardStain, stain_od
 from histosynth.stats import mean_ci
@@ -78,7 +79,7 @@ def _summary(rows: list[dict[str, float]], keys) -> dict[str, dict[str, float]]:
 def evaluate_run(run: str | Path, test_a: str | None = None, test_b: str | None = None,
                  max_images: int | None = None, progress: bool = True) -> dict:
     run = Path(run)
-    translator, ck, _ = load_translator(run, "last", "ema", resolve_device())
+    translator, ck, _ = load_run(run, Translator, "last", "ema", resolve_device())
     cfg = configlib.build(CycleGANConfig, ck["config"])
     tile = cfg.eval.tile
     max_images = cfg.eval.max_images if max_images is None else max_images

@@ -24,22 +24,11 @@ from gans.registry import load_run
 from histosynth import config as configlib
 from histosynth.checkpoint import atomic_write_csv, atomic_write_text, sha256_file
 from histosynth.cli import run_cli
-from histosynth.engine import RunDirError
 from histosynth.paths import claim_output_dir
 from histosynth.roles import Generator
 from histosynth.runtime import resolve_device
 
 MANIFEST_FIELDS = ["file", "class", "seed", "checkpoint_sha256", "step", "family", "sha256"]
-
-
-def load_generator(run: str | Path, checkpoint: str | int = "last", weights: str = "ema",
-                   device: str = "cpu") -> tuple[Generator, dict, Path]:
-    """The :class:`~histosynth.roles.Generator` of a trained run, its checkpoint and path."""
-    family, role, ck, path = load_run(run, checkpoint, weights, device)
-    if not isinstance(role, Generator):
-        raise RunDirError(f"{run} is a {family.name} run, which translates images rather than drawing "
-                          "tiles; use gan-translate")
-    return role, ck, path
 
 
 def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
@@ -50,7 +39,7 @@ def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
         raise configlib.ConfigError("--per-class", f"must be >= 1, got {per_class}")
     if batch_size < 1:
         raise configlib.ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
-    gen, ck, ck_path = load_generator(run, checkpoint, weights, resolve_device(device))
+    gen, ck, ck_path = load_run(run, Generator, checkpoint, weights, resolve_device(device))
     out = claim_output_dir(out, overwrite)
     ck_sha = sha256_file(ck_path)
     classes = gen.classes

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from histosynth.config import require_choice
-from histosynth.engine import RunDir, load_checkpoint
+from histosynth.engine import RunDir, RunDirError, load_checkpoint
 from histosynth.registry import discover
 from histosynth.roles import Generator, Task, Translator
 from histosynth.runtime import Runtime
@@ -92,15 +92,22 @@ def create_model(family: str, image_size: int = 64, num_classes: int = 0, z_dim:
     return families()[family].networks(image_size=image_size, num_classes=num_classes, z_dim=z_dim, ch=ch)
 
 
-def load_run(run: str | Path, checkpoint: str | int = "last", weights: str = "ema",
-             device: Any = "cpu") -> tuple[Family, Generator | Translator, dict, Path]:
-    """A trained run as its family, what it does (Generator or Translator), the checkpoint and
-    its path. ``checkpoint``: ``last``, ``best`` or a snapshot's step."""
-    from histosynth.engine import RunDirError
+_OTHER_ROLE = {Generator: "translates images rather than drawing tiles; use gan-translate",
+               Translator: "draws tiles rather than translating images; use gan-generate"}
+
+
+def load_run(run: str | Path, role: type, checkpoint: str | int = "last", weights: str = "ema",
+             device: Any = "cpu") -> tuple[Generator | Translator, dict, Path]:
+    """What a trained run does, as ``role`` (Generator or Translator), its checkpoint and the
+    checkpoint's path; a run of the other role is refused. ``checkpoint``: ``last``, ``best`` or a
+    snapshot's step."""
     run_dir = RunDir(Path(run))
     if not run_dir.config.is_file():
         raise RunDirError(f"{run} is not a histosynth run directory (no config.yaml)")
     path = run_dir.checkpoint(checkpoint)
     ck = load_checkpoint(path, families(), f"it is not a generator family ({', '.join(list_families())})")
     family = families()[ck["task"]]
-    return family, family.from_checkpoint(ck, weights, device), ck, path
+    trained = family.from_checkpoint(ck, weights, device)
+    if not isinstance(trained, role):
+        raise RunDirError(f"{run} is a {family.name} run, which {_OTHER_ROLE[role]}")
+    return trained, ck, path

@@ -3,7 +3,7 @@
     train-gan --cfg sngan.yaml --out runs/sngan --set train.steps=200
     train-gan --resume runs/sngan            # continue to the configured final step
     train-gan --cfg sngan.yaml --dry-run     # print the resolved config
-    train-gan --cfg cyclegan_cpu.yaml --out runs/he2ihc   # CycleGAN: same loop, same run dir
+    train-gan --cfg cyclegan_cpu.yaml --out runs/he2ihc   # CycleGAN: same engine, same run dir
 
 Bare config names are looked up in configs/. Also runs as ``python gans/train_gan.py``.
 """

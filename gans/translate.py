@@ -29,23 +29,13 @@ from histosynth.roles import Translator
 from histosynth.runtime import resolve_device
 
 
-def load_translator(run: str | Path, checkpoint: str | int = "last", weights: str = "ema",
-                    device: str = "cpu") -> tuple[Translator, dict, Path]:
-    """The :class:`~histosynth.roles.Translator` of a trained run, its checkpoint and path."""
-    family, role, ck, path = load_run(run, checkpoint, weights, device)
-    if not isinstance(role, Translator):
-        raise RunDirError(f"{run} is a {family.name} run, which draws tiles rather than translating "
-                          "images; use gan-generate")
-    return role, ck, path
-
-
 def translate_folder(run: str | Path, input_dir: str | Path, out: str | Path, direction: str,
                      tile: int = 512, overlap: int = 64, weights: str = "ema", device: str = "auto",
                      overwrite: bool = False, progress: bool = True, checkpoint: str | int = "last") -> Path:
     if tile < 16 or tile % 4 or not 0 <= overlap < tile // 2:
         raise configlib.ConfigError("--tile", f"tile must be a multiple of 4 >= 16 and overlap in "
                                               f"[0, tile/2); got tile {tile}, overlap {overlap}")
-    translator, ck, ck_path = load_translator(run, checkpoint, weights, resolve_device(device))
+    translator, ck, ck_path = load_run(run, Translator, checkpoint, weights, resolve_device(device))
     if direction not in translator.directions:
         raise configlib.ConfigError("--direction", f"choose one of {', '.join(translator.directions)}, "
                                                    f"got {direction!r}")

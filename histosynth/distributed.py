@@ -67,7 +67,7 @@ class Dist:
     def average_gradients(self, params) -> None:
         """Average the ``.grad`` of ``params`` over ranks in one all-reduce.
 
-        The GAN loop uses this instead of DistributedDataParallel: a GAN step runs D several
+        The engine uses this instead of DistributedDataParallel: a GAN step runs D several
         times before one backward and WGAN-GP differentiates through a gradient
         (``create_graph=True``), which DDP does not support; stylegan3 averages its gradients
         the same way."""

@@ -59,7 +59,7 @@ from histosynth.config import ConfigError, dump_yaml, to_dict
 from histosynth.distributed import Dist, setup as setup_distributed
 from histosynth.errors import UserError
 from histosynth.paths import claim_output_dir
-from histosynth.roles import Plan, Task
+from histosynth.roles import Task
 from histosynth.runtime import NonFiniteLossError, Runtime
 from histosynth.viz import plot_curves, save_grid
 

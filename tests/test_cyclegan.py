@@ -1,4 +1,4 @@
-"""CycleGAN on the shared loop: shapes, a finite step, the image pool, runs, resume, tiling, eval."""
+"""CycleGAN on the engine: shapes, a finite step, the image pool, runs, resume, tiling, eval."""
 
 import csv
 import json

@@ -81,7 +81,7 @@ def _epoch(run) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# the GAN loop (every family, CycleGAN included) under torchrun
+# the engine (every family, CycleGAN included) under torchrun
 
 def _avg_worker(rank, world, port, result):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),

@@ -1,4 +1,4 @@
-"""The shared training loop: run directory, resume == uninterrupted, SIGKILL, NaN guard, safety."""
+"""Training a GAN on the engine: run directory, resume == uninterrupted, SIGKILL, NaN guard, safety."""
 
 import errno
 import json

@@ -1,4 +1,4 @@
-"""CycleGAN (Zhu et al., ICCV 2017, "Unpaired Image-to-Image Translation") on the shared loop.
+"""CycleGAN (Zhu et al., ICCV 2017, "Unpaired Image-to-Image Translation") on the shared engine.
 
 Paper defaults: ResNet generator (c7s1-64, d128, d256, 6 or 9 residual blocks, u128, u64,
 c7s1-3; instance norm, reflection padding), 70x70 PatchGAN discriminator (C64-C128-C256-C512),
