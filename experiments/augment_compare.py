@@ -36,7 +36,6 @@ if __package__ in (None, ""):  # `python experiments/augment_compare.py` without
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from experiments.assemble import assemble, synthetic_counts  # noqa: E402
@@ -51,7 +50,8 @@ from histosynth.checkpoint import (atomic_write_csv, atomic_write_text, remove_s
 from histosynth.cli import run_cli  # noqa: E402
 from histosynth.data import TileCache, default_cache_dir  # noqa: E402
 from histosynth.images import DataError  # noqa: E402
-from histosynth.paths import OutputExistsError, claim_output_dir, resolve_data_path  # noqa: E402
+from histosynth.paths import (OutputExistsError, check_apart, check_claimable, claim_output_dir,  # noqa: E402
+                              hold, resolve_data_path)
 from histosynth.registry import get_downstream  # noqa: E402
 from histosynth.roles import TileSet  # noqa: E402
 
@@ -82,7 +82,7 @@ def claim_compare_dir(out: Path, cfg: CompareConfig, overwrite: bool) -> bool:
     now = configlib.to_dict(cfg)
     started = any((out / p).exists() for p in ("results.csv", "cells", "gan"))
     if saved.is_file() and not overwrite:
-        old = yaml.safe_load(saved.read_text()) or {}
+        old = configlib.read_yaml(saved)
         a, b = _flatten(old), _flatten(now)
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if diff and not started:        # an earlier start failed before computing anything
@@ -134,6 +134,9 @@ def load_splits(cfg: CompareConfig, out: Path, progress: bool):
     splits = resolve_splits(cfg.data, out)
     caches = {s: load_tiles(cfg, splits.roots[s], progress) for s in SPLITS}
     classes = caches["train"].classes
+    if len(classes) < 2:
+        raise DataError(f"the training split has one class ({classes[0]}); a comparison needs at least two "
+                        "class folders (one class would score a perfect, meaningless 1.0)")
     for s in ("val", "test"):
         if caches[s].classes != classes:
             raise DataError(f"the {s} split has classes {caches[s].classes} but train has {classes}; "
@@ -265,10 +268,28 @@ def run_compare(cfg: CompareConfig, out: str | Path, overwrite: bool = False, pr
     """Run (or continue) the whole comparison into ``out``; returns the summary. ``workers`` > 1
     trains that many cells at once, one process each (one per GPU: :mod:`experiments.parallel`)."""
     out = Path(out)
+    inputs = compare_inputs(cfg)
+    check_apart(out, inputs)
     if report_only:
         if not (out / "config.yaml").is_file():
             raise OutputExistsError(f"{out} is not an augment-compare output folder (no config.yaml)")
-    else:
+    elif not (out / "config.yaml").is_file():           # before the lock file is created there
+        check_claimable(out, overwrite, inputs=inputs)
+    with hold(out):             # one writer: a second run into the same folder is refused
+        return _run_compare(cfg, out, overwrite, progress, report_only, workers)
+
+
+def compare_inputs(cfg: CompareConfig) -> dict[str, Path | None]:
+    """The folders a comparison reads (its --out must lie apart from them)."""
+    return {"data.root": resolve_data_path(cfg.data.root),
+            "data.groups": resolve_data_path(cfg.data.groups) if cfg.data.groups else None,
+            **{f"arms[{i}].synthetic.source": resolve_data_path(a.synthetic.source)
+               for i, a in enumerate(cfg.arms) if a.synthetic.source not in ("none", "gan")}}
+
+
+def _run_compare(cfg: CompareConfig, out: Path, overwrite: bool, progress: bool, report_only: bool,
+                 workers: int) -> dict:
+    if not report_only:
         resumed = claim_compare_dir(out, cfg, overwrite)
         if resumed:
             remove_stale_temps(out)
@@ -369,7 +390,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli("augment-compare", lambda: _main(args))
+    return run_cli("augment-compare", lambda: _main(args), log_dir=args.out)
 
 
 if __name__ == "__main__":

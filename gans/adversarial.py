@@ -10,6 +10,7 @@ of a trained run.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -39,6 +40,12 @@ def load_data(cfg: GANConfig, progress: bool = True) -> TileCache:
     ref = str(resolve_data_path(d.stain_reference)) if d.stain_reference else None
     return TileCache.build(resolve_data_path(d.root), d.image_size, d.stain_norm, ref,
                            cache_dir_of(d), progress=progress)
+
+
+def inputs(cfg: GANConfig) -> dict[str, Path | None]:
+    d = cfg.data
+    return {"training data (data.root)": resolve_data_path(d.root),
+            "stain reference (data.stain_reference)": resolve_data_path(d.stain_reference) if d.stain_reference else None}
 
 
 def provenance(cfg: GANConfig, data: TileCache) -> dict:
@@ -241,7 +248,8 @@ def adversarial_family(name: str, networks: Callable[..., tuple[nn.Module, nn.Mo
                        default_loss: str, paper: str) -> Family:
     """The :class:`~gans.registry.Family` of a class-conditional GAN with these networks."""
     return Family(name=name, paper=paper, config=GANConfig, config_file=f"{name}.yaml", smoke=SMOKE,
-                  load_data=load_data, provenance=provenance, build_task=GANTask, from_checkpoint=_from_checkpoint,
+                  inputs=inputs, load_data=load_data, provenance=provenance, build_task=GANTask,
+                  from_checkpoint=_from_checkpoint,
                   class_conditional=lambda cfg: cfg.model.conditioning == "class",
                   networks=networks, default_loss=default_loss)
 

@@ -13,6 +13,20 @@ from histosynth.config import require, require_choice
 from histosynth.roles import Criterion, LRSchedule, Plan
 
 
+RESUME_MAY_CHANGE = frozenset({
+    "train.steps", "train.checkpoint_every", "train.sample_every", "train.log_every", "train.snapshot_every",
+    "train.kid_every", "train.kid_samples", "train.samples_per_class", "train.device", "train.amp",
+    "train.channels_last", "train.compile", "data.cache", "data.cache_dir", "data.test_a", "data.test_b",
+    "eval.max_images", "eval.tile"})
+"""Keys a ``train-gan --resume`` may change: how long it trains, how often it logs, samples,
+evaluates and saves, where it runs and caches, and what it is evaluated on. Any other change
+would make the run something other than what it was trained as (and its provenance wrong)."""
+
+DATA_ROOTS = frozenset({"data.root", "data.root_a", "data.root_b"})
+"""May change on --resume only when the files there are the very ones the run was trained on
+(same sha256: the data moved), which train-gan checks against the run's data.json."""
+
+
 @dataclass
 class DataConfig:
     root: str = "data/lung_demo/train"

@@ -28,11 +28,12 @@ from tqdm.auto import tqdm
 
 from gans.families.cyclegan import CycleGANConfig
 from gans.registry import load_run
+from gans.translate import MIN_SIDE
 from histosynth import config as configlib
 from histosynth.checkpoint import atomic_write_text
 from histosynth.cli import run_cli
 from histosynth.config import ConfigError
-from histosynth.images import UnreadableImage, list_images, read_rgb8
+from histosynth.images import UnreadableImage, list_images, read_rgb8, warn_skipped
 from histosynth.paths import resolve_data_path
 from histosynth.roles import Translator
 from histosynth.runtime import resolve_device
@@ -72,6 +73,19 @@ def reference_mosaic(folder: Path, n: int = 16) -> np.ndarray:
     return np.concatenate([t[:h] for t in tiles], axis=1)
 
 
+def _read(path: Path, skipped: list[tuple[str, str]]) -> np.ndarray | None:
+    """The image, or None with the reason added to ``skipped`` (unreadable, or too small to translate)."""
+    try:
+        rgb = read_rgb8(path)
+    except UnreadableImage as e:
+        skipped.append((str(path), str(e)))
+        return None
+    if min(rgb.shape[:2]) < MIN_SIDE:
+        skipped.append((str(path), f"too small to translate ({rgb.shape[1]} x {rgb.shape[0]} px; at least {MIN_SIDE})"))
+        return None
+    return rgb
+
+
 def _summary(rows: list[dict[str, float]], keys) -> dict[str, dict[str, float]]:
     return {k: mean_ci([r[k] for r in rows]) for k in keys}
 
@@ -102,6 +116,7 @@ def evaluate_run(run: str | Path, test_a: str | None = None, test_b: str | None 
         return translator.translate(rgb, direction, tile=tile, overlap=tile // 8)
 
     # -- paired: G_ab(A) vs B beside identity / Reinhard / Macenko --------------------------
+    skipped: list[tuple[str, str]] = []
     pairs, unpaired = pair_by_name(dir_a, dir_b) if not on_train else ([], [])
     if unpaired:
         warnings.warn(f"{len(unpaired)} test file name(s) have no partner in the other domain and are "
@@ -114,7 +129,9 @@ def evaluate_run(run: str | Path, test_a: str | None = None, test_b: str | None 
         per_method: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
         failed = {m: 0 for m in methods}
         for fa, fb in tqdm(limit(pairs), desc="paired eval", unit="pair", disable=not progress):
-            a, b = read_rgb8(fa), read_rgb8(fb)
+            a, b = _read(fa, skipped), _read(fb, skipped)
+            if a is None or b is None:
+                continue
             if a.shape != b.shape:
                 warnings.warn(f"{fa.name}: A is {a.shape[:2]} but B is {b.shape[:2]}; pair skipped",
                               stacklevel=2)
@@ -138,14 +155,15 @@ def evaluate_run(run: str | Path, test_a: str | None = None, test_b: str | None 
     stains: dict[str, list] = {"real_a": [], "real_b": [], "fake_b": [], "fake_a": []}
     for key, folder, fwd, back in (("a", dir_a, "a2b", "b2a"), ("b", dir_b, "b2a", "a2b")):
         for f in tqdm(limit(list_images(folder)), desc=f"cycle {key}", unit="img", disable=not progress):
-            try:
-                x = read_rgb8(f)
-            except UnreadableImage:
+            x = _read(f, skipped)
+            if x is None:
                 continue
             y = translate(fwd, x)
             cyc[key].append(paired_scores(translate(back, y), x))
             stains[f"real_{key}"].append(stain_od(x))
             stains["fake_b" if key == "a" else "fake_a"].append(stain_od(y))
+    warn_skipped(sorted(set(skipped)), f"{dir_a} / {dir_b}")
+    result["skipped"] = sorted(set(skipped))
     result["cycle"] = {f"{k}_to_{k}": _summary(v, ("psnr", "ssim")) for k, v in cyc.items() if v}
     result["stain_od"] = {k: _summary(v, STAIN_CHANNELS) for k, v in stains.items() if v}
 
@@ -203,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gan-eval: wrote {Path(args.run) / 'eval.json'} and eval.md")
         return 0
 
-    return run_cli("gan-eval", _run)
+    return run_cli("gan-eval", _run, log_dir=args.run)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from gans.registry import load_run
 from histosynth import config as configlib
 from histosynth.checkpoint import atomic_write_csv, atomic_write_text, sha256_file
 from histosynth.cli import run_cli
-from histosynth.paths import claim_output_dir
+from histosynth.engine import run_inputs
+from histosynth.paths import claim_output_dir, safe_name
 from histosynth.roles import Generator
 from histosynth.runtime import resolve_device
 
@@ -40,9 +41,9 @@ def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
     if batch_size < 1:
         raise configlib.ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
     gen, ck, ck_path = load_run(run, Generator, checkpoint, weights, resolve_device(device))
-    out = claim_output_dir(out, overwrite)
+    classes = [safe_name(c, "class name (from the checkpoint)") for c in gen.classes]
+    out = claim_output_dir(out, overwrite, inputs=run_inputs(run))
     ck_sha = sha256_file(ck_path)
-    classes = gen.classes
     jobs = [(ci, c, j, seed + ci * per_class + j) for ci, c in enumerate(classes) for j in range(per_class)]
     rows = []
     bar = tqdm(total=len(jobs), desc="generating", unit="tile", disable=not progress)
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gan-generate: wrote {args.per_class} tiles per class to {args.out}; manifest {manifest}")
         return 0
 
-    return run_cli("gan-generate", _run)
+    return run_cli("gan-generate", _run, log_dir=args.out)
 
 
 if __name__ == "__main__":

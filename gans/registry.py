@@ -42,6 +42,8 @@ class Family:
     smoke: tuple[str, ...]
     """``--set`` overrides of that config for a seconds-long CPU run on the bundled demo data
     (the contract tests train every family with them)."""
+    inputs: Callable[[Any], dict[str, Any]]
+    """config -> the folders and files a run reads, by name (its run directory stays apart from them)."""
     load_data: Callable[[Any, bool], Any]
     """(config, progress) -> the decoded training data (rank 0 decodes first under torchrun)."""
     provenance: Callable[[Any, Any], dict]

@@ -11,6 +11,7 @@ Bare config names are looked up in configs/. Also runs as ``python gans/train_ga
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python gans/train_gan.py` without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gans.config import DATA_ROOTS, RESUME_MAY_CHANGE  # noqa: E402
 from gans.registry import get_family  # noqa: E402
 from histosynth import config as configlib  # noqa: E402
 from histosynth import engine  # noqa: E402
@@ -54,22 +56,69 @@ def train_gan(cfg, out: str | Path, resume: bool = False, overwrite: bool = Fals
     family = get_family(cfg.model.family)
     t = cfg.train
     dist = setup_distributed(resolve_device(t.device).type)
-    if dist.main:
-        run = engine.prepare_run_dir(out, resume, overwrite)
-        if not resume:  # first thing in the folder: a kill from here on can be continued with --resume
-            atomic_write_text(run.config, configlib.dump_yaml(cfg))
-    dist.barrier()
-    run = engine.RunDir(Path(out))
-    progress = progress and dist.main
-    data = _rank0_first(dist, lambda: family.load_data(cfg, progress))
-    if dist.main:
-        atomic_write_text(run.root / "data.json", json.dumps(family.provenance(cfg, data), indent=1))
-    rt = Runtime.from_choices(t.device, t.amp, t.channels_last, cpu_fast_path=True)
-    summary = engine.train(family.name, cfg, lambda rt: family.build_task(cfg, data, rt), run, rt,
-                           seed=t.seed, resume=resume, progress=progress)
-    if family.finish is not None and dist.main:
-        summary["eval"] = family.finish(run.root, progress)
-    return summary
+    with contextlib.ExitStack() as stack:
+        if dist.main:                   # rank 0 alone writes the folder, and holds its lock throughout
+            run = stack.enter_context(engine.open_run_dir(out, resume, overwrite, family.inputs(cfg)))
+            if resume:
+                check_resumable(cfg, run)
+            else:   # first thing in the folder: a kill from here on can be continued with --resume
+                atomic_write_text(run.config, configlib.dump_yaml(cfg))
+        dist.barrier()
+        run = engine.RunDir(Path(out))
+        progress = progress and dist.main
+        data = _rank0_first(dist, lambda: family.load_data(cfg, progress))
+        if dist.main:
+            write_provenance(run, family.provenance(cfg, data), resume)
+        rt = Runtime.from_choices(t.device, t.amp, t.channels_last, cpu_fast_path=True)
+        summary = engine.train(family.name, cfg, lambda rt: family.build_task(cfg, data, rt), run, rt,
+                               seed=t.seed, resume=resume, progress=progress)
+        if family.finish is not None and dist.main:
+            summary["eval"] = family.finish(run.root, progress)
+        return summary
+
+
+def check_resumable(cfg, run: engine.RunDir) -> None:
+    """A resume trains what the run trained: only the keys of RESUME_MAY_CHANGE (how long, how
+    often to log or save, on which device) may differ from the run's own config.yaml."""
+    saved = configlib.build(type(cfg), configlib.read_yaml(run.config), str(run.config))
+    old, new = _flat(configlib.to_dict(saved)), _flat(configlib.to_dict(cfg))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key) and key not in RESUME_MAY_CHANGE and key not in DATA_ROOTS:
+            raise configlib.ConfigError(key, f"cannot change on --resume (the run was trained with "
+                                             f"{old.get(key)!r}, not {new.get(key)!r}); a resumed run must "
+                                             "train what it trained: start a new run instead")
+
+
+def write_provenance(run: engine.RunDir, info: dict, resume: bool) -> None:
+    """RUN/data.json; a resume must find the very files the run was trained on (by sha256): the
+    provenance gan-generate passes to the leakage guard is never rewritten to other data."""
+    path = run.root / "data.json"
+    if resume and path.is_file():
+        old = json.loads(path.read_text())
+        hashes = [k for k in info if k.startswith("files_sha256")]
+        changed = {k: _diff(old.get(k, {}), info[k]) for k in hashes if old.get(k) != info[k]}
+        if changed:
+            key, (n, example) = next(iter(changed.items()))
+            raise configlib.ConfigError("data", f"the training data of {run.root} changed since it started "
+                                                f"({n} file(s) added, removed or modified, e.g. {example}); a "
+                                                "resumed run must train on the same tiles: restore them, or "
+                                                "start a new run")
+        if old == info:
+            return
+    atomic_write_text(path, json.dumps(info, indent=1))
+
+
+def _diff(old: dict, new: dict) -> tuple[int, str]:
+    odd = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return len(odd), odd[0] if odd else "?"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flat(v, key) if isinstance(v, dict) else {key: v})
+    return out
 
 
 def _rank0_first(dist, build):
@@ -99,8 +148,11 @@ def _main(args: argparse.Namespace) -> int:
         if args.cfg:
             raise configlib.ConfigError("", "--resume uses the run's own config.yaml; drop --cfg "
                                             "(use --set to change a key, e.g. train.steps)")
-        engine.prepare_run_dir(args.resume, resume=True, overwrite=False)   # is it a run at all?
-        cfg, _ = load_config(Path(args.resume) / "config.yaml", args.set)
+        run = engine.RunDir(Path(args.resume))
+        if not run.config.is_file():
+            raise engine.RunDirError(f"cannot resume: {args.resume} has no config.yaml (is it a histosynth "
+                                     "run directory?)")
+        cfg, _ = load_config(run.config, args.set)
         out = args.resume
     else:
         if not args.cfg:
@@ -123,7 +175,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli("train-gan", lambda: _main(args))
+    return run_cli("train-gan", lambda: _main(args), log_dir=args.out or args.resume)
 
 
 if __name__ == "__main__":

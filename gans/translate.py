@@ -22,11 +22,33 @@ from gans.registry import load_run
 from histosynth import config as configlib
 from histosynth.checkpoint import atomic_write, atomic_write_csv, sha256_file
 from histosynth.cli import run_cli
-from histosynth.engine import RunDirError
+from histosynth.engine import RunDirError, run_inputs
 from histosynth.images import UnreadableImage, list_images, read_rgb8, warn_skipped
 from histosynth.paths import claim_output_dir
 from histosynth.roles import Translator
 from histosynth.runtime import resolve_device
+
+
+MIN_SIDE = 16
+"""Smallest image side gan-translate accepts (the generator downsamples by 4 and pads by 3)."""
+
+
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """``STEM.png`` for every input; inputs that share a stem (a.png, a.jpg, a.tif) keep their
+    extension in the name (a_png.png, a_jpg.png, a_tif.png), so no output replaces another."""
+    stems: dict[str, int] = {}
+    for f in files:
+        stems[f.stem] = stems.get(f.stem, 0) + 1
+    names = {f: f"{f.stem}.png" if stems[f.stem] == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower()}.png"
+             for f in files}
+    taken: set[str] = set()
+    for f, name in names.items():               # a file already named like a disambiguated one
+        n, base = 1, name[:-4]
+        while name in taken:
+            name, n = f"{base}_{n}.png", n + 1
+        names[f] = name
+        taken.add(name)
+    return names
 
 
 def translate_folder(run: str | Path, input_dir: str | Path, out: str | Path, direction: str,
@@ -45,8 +67,9 @@ def translate_folder(run: str | Path, input_dir: str | Path, out: str | Path, di
     files = list_images(input_dir)
     if not files:
         raise RunDirError(f"no images in {input_dir}")
-    claim_output_dir(out, overwrite)
+    claim_output_dir(out, overwrite, inputs={"--input": input_dir, **run_inputs(run)})
     ck_sha = sha256_file(ck_path)
+    names = output_names(files)
     rows, skipped = [], []
     for f in tqdm(files, desc=f"translating {direction}", unit="img", disable=not progress):
         try:
@@ -54,8 +77,11 @@ def translate_folder(run: str | Path, input_dir: str | Path, out: str | Path, di
         except UnreadableImage as e:
             skipped.append((str(f), str(e)))
             continue
+        if min(rgb.shape[:2]) < MIN_SIDE:
+            skipped.append((str(f), f"too small to translate ({rgb.shape[1]} x {rgb.shape[0]} px; at least {MIN_SIDE})"))
+            continue
         y = translator.translate(rgb, direction, tile, overlap)
-        dst = out / f"{f.stem}.png"
+        dst = out / names[f]
         atomic_write(dst, lambda fh: Image.fromarray(y).save(fh, format="PNG"))
         rows.append({"source": str(f), "output": dst.name, "checkpoint_sha256": ck_sha,
                      "direction": direction, "sha256": sha256_file(dst)})
@@ -91,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gan-translate: wrote {sum(1 for _ in open(m)) - 1} images to {args.out}; manifest {m}")
         return 0
 
-    return run_cli("gan-translate", _run_cli)
+    return run_cli("gan-translate", _run_cli, log_dir=args.out)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -33,7 +34,8 @@ def atomic_fill(path: str | Path, fill: Callable[[Path], None]) -> None:
     ``fill(tmp)`` creates and writes ``tmp``; it is fsynced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    name = path.name if len(path.name) <= 200 else hashlib.sha256(path.name.encode()).hexdigest()[:32]
+    tmp = path.with_name(f".{name}.{os.getpid()}.tmp")      # within the 255-byte name limit
     try:
         fill(tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -55,13 +57,22 @@ def atomic_fill(path: str | Path, fill: Callable[[Path], None]) -> None:
         pass
 
 
+_TEMP = re.compile(r"\..+\.\d+\.tmp")
+
+
+def is_temp_name(name: str) -> bool:
+    """Is ``name`` a temporary file of :func:`atomic_fill` (``.NAME.PID.tmp``)?"""
+    return bool(_TEMP.fullmatch(name))
+
+
 def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Delete the temporary files a killed writer left under ``folder`` (``.NAME.PID.tmp``);
-    the files they were meant to replace are intact. Returns what was removed."""
-    import re
+    the files they were meant to replace are intact. Returns what was removed. Only the
+    folder's one writer may call it (:func:`histosynth.paths.hold`): another writer's temporary
+    files look the same."""
     gone = []
     for p in Path(folder).rglob(".*.tmp"):
-        if p.is_file() and re.fullmatch(r"\..+\.\d+\.tmp", p.name):
+        if p.is_file() and is_temp_name(p.name):
             p.unlink(missing_ok=True)
             gone.append(p)
     return gone

@@ -86,11 +86,57 @@ def resolve_config_path(name: str | Path) -> Path:
                           f"{CONFIG_DIR}; available: {available or 'none'})")
 
 
+MAX_DEPTH = 32
+"""Deepest nesting of mappings and lists a config may have (histosynth's need about 5)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` for configs: no aliases (``*name``: a billion-laughs file is refused at
+    once instead of expanding for minutes and gigabytes; configs have no need for them), no
+    duplicate keys (YAML would keep the last one without a word) and at most MAX_DEPTH levels."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError("", f"YAML aliases (*{event.anchor}) are not allowed in a config "
+                                  f"(line {event.start_mark.line + 1}); write the value out")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise ConfigError("", f"nested more than {MAX_DEPTH} levels deep "
+                                      f"(line {self.peek_event().start_mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(str(key), f"appears twice in one mapping (lines {seen[key]} and {line}); "
+                                            "YAML would silently keep the last: keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python values, with the checks of :class:`_ConfigLoader`."""
+    return yaml.load(text, Loader=_ConfigLoader)        # a SafeLoader: plain values only
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"not UTF-8 text (byte {e.start}): save the config as UTF-8", str(path)) from None
     except yaml.YAMLError as e:
         raise ConfigError("", f"not valid YAML: {e}", str(path)) from None
+    except ConfigError as e:
+        raise ConfigError(e.key, e.msg, str(path)) from None
+    except RecursionError:
+        raise ConfigError("", f"nested too deeply (more than {MAX_DEPTH} levels)", str(path)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -108,9 +154,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[str]:
         key, raw = item.split("=", 1)
         key = key.strip()
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        except (ConfigError, RecursionError) as e:
+            raise ConfigError(key.strip(), f"{getattr(e, 'msg', 'nested too deeply')}", "--set") from None
         node = data
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):
@@ -265,5 +313,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:      # write every value out: configs refuse aliases
+        return True
+
+
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False)

@@ -30,7 +30,7 @@ from histosynth.stain import MacenkoStain
 from histosynth.images import (DataError, UnreadableImage, open_rgb, scan_flat_folder,
                                scan_image_folder, warn_skipped)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -106,19 +106,25 @@ class TileCache:
         if cache_dir is not None:
             cache_dir = Path(cache_dir)
             npy, json_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-            if npy.is_file() and json_path.is_file():
-                meta = json.loads(json_path.read_text())
-                images = np.load(npy, mmap_mode="r")
-                skipped = [tuple(s) for s in meta["skipped"]]
-                warn_skipped(skipped, str(root))
-                return cls(images, np.asarray(meta["labels"], dtype=np.int64), meta["classes"],
-                           meta["files"], skipped, key)
+            if npy.is_file() or json_path.is_file():
+                try:
+                    images, meta = _open_cache(npy, json_path)
+                except CacheDamaged as e:
+                    warnings.warn(f"the tile cache {npy} is damaged ({e}); decoding {root} again", stacklevel=2)
+                    npy.unlink(missing_ok=True)
+                    json_path.unlink(missing_ok=True)
+                else:
+                    skipped = [tuple(s) for s in meta["skipped"]]
+                    warn_skipped(skipped, str(root))
+                    return cls(images, np.asarray(meta["labels"], dtype=np.int64), meta["classes"],
+                               meta["files"], skipped, key)
 
         normalise = None
         if stain_norm == "macenko":
             ref_path = Path(stain_reference) if stain_reference else items[0][0]
             normalise = MacenkoStain(np.asarray(open_rgb(ref_path)))
         shape = (len(items), 3, image_size, image_size)
+        min_side = max(2, image_size // 4)        # more than 4x upscaling makes no tile
         labels, files, skipped = [], [], []
         stain_failures = 0
 
@@ -132,6 +138,10 @@ class TileCache:
                     rgb = np.asarray(open_rgb(path))
                 except UnreadableImage as e:
                     skipped.append((str(path), str(e)))
+                    continue
+                if min(rgb.shape[:2]) < min_side:
+                    skipped.append((str(path), f"too small ({rgb.shape[1]} x {rgb.shape[0]} px) for {image_size} px "
+                                               f"tiles (at least {min_side})"))
                     continue
                 if normalise is not None:
                     try:
@@ -164,10 +174,12 @@ class TileCache:
             # writing through a memory map keeps every written page resident)
             per = int(np.prod(shape[1:]))
 
+            checksum = hashlib.blake2b(digest_size=16)
+
             def fill(tmp: Path) -> None:
                 offset = _npy_header(tmp, shape)
                 with open(tmp, "r+b") as f:
-                    n = decode_into(_RowWriter(f, offset, per))
+                    n = decode_into(_RowWriter(f, offset, per, checksum))
                 check()
                 if n < len(items):          # skipped files: the array is shorter than the file list
                     part = tmp.with_name(f".{npy.name}.part.{os.getpid()}.tmp")
@@ -180,7 +192,8 @@ class TileCache:
                     os.replace(part, tmp)
             atomic_fill(npy, fill)
             meta = {"version": CACHE_VERSION, "root": str(root), "classes": classes,
-                    "files": files, "labels": labels, "skipped": skipped}
+                    "files": files, "labels": labels, "skipped": skipped,
+                    "shape": [len(files), *shape[1:]], "blake2b": checksum.hexdigest()}
             atomic_write_text(json_path, json.dumps(meta))
             images = np.load(npy, mmap_mode="r")
         labels_np = np.asarray(labels, dtype=np.int64)
@@ -196,14 +209,45 @@ def _npy_header(path: Path, shape: tuple[int, ...]) -> int:
 
 
 class _RowWriter:
-    """``w[i] = tile`` writes tile ``i`` of an .npy file in place, with a plain file write."""
+    """``w[i] = tile`` writes tile ``i`` of an .npy file in place, with a plain file write (rows
+    come in order, 0, 1, 2 ...: ``checksum`` sees the data as the file will hold it)."""
 
-    def __init__(self, f, offset: int, per: int):
-        self.f, self.offset, self.per = f, offset, per
+    def __init__(self, f, offset: int, per: int, checksum):
+        self.f, self.offset, self.per, self.checksum = f, offset, per, checksum
 
     def __setitem__(self, i: int, tile: np.ndarray) -> None:
+        data = np.ascontiguousarray(tile, dtype=np.uint8).tobytes()
         self.f.seek(self.offset + i * self.per)
-        self.f.write(np.ascontiguousarray(tile, dtype=np.uint8).tobytes())
+        self.f.write(data)
+        self.checksum.update(data)
+
+
+class CacheDamaged(Exception):
+    """A cache file is truncated, corrupt, of another shape or content than its record says."""
+
+
+def _open_cache(npy: Path, json_path: Path) -> tuple[np.ndarray, dict]:
+    """The memory-mapped tiles and their record, after checking the record's version, the array's
+    shape and dtype, the file's size and the data's checksum (one streaming read)."""
+    try:
+        meta = json.loads(json_path.read_text())
+        images = np.load(npy, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:      # missing, truncated, not an .npy, torn JSON
+        raise CacheDamaged(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
+        raise CacheDamaged("a record of another version")
+    if images.dtype != np.uint8 or list(images.shape) != meta.get("shape") or len(meta["labels"]) != len(images):
+        raise CacheDamaged(f"holds {images.dtype} {list(images.shape)}, its record says {meta.get('shape')}")
+    if npy.stat().st_size != images.offset + images.nbytes:
+        raise CacheDamaged(f"{npy.stat().st_size} bytes instead of {images.offset + images.nbytes}")
+    h = hashlib.blake2b(digest_size=16)
+    with open(npy, "rb") as f:
+        f.seek(images.offset)
+        while block := f.read(1 << 24):
+            h.update(block)
+    if h.hexdigest() != meta.get("blake2b"):
+        raise CacheDamaged("its content does not match its checksum")
+    return images, meta
 
 
 def _cache_key(root: Path, items, image_size, stain_norm, stain_reference) -> str:
@@ -214,8 +258,10 @@ def _cache_key(root: Path, items, image_size, stain_norm, stain_reference) -> st
         st = Path(stain_reference).stat()
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     for path, label in items:
-        st = path.stat()
-        h.update(f"{path.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        # ctime too: a file rewritten with its old size and mtime restored still changes its ctime
+        st = path.stat() if path.exists() else None
+        h.update(f"{path.relative_to(root)}|{label}|{st and st.st_size}|{st and st.st_mtime_ns}|"
+                 f"{st and st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 

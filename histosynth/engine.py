@@ -48,7 +48,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch.optim.swa_utils import AveragedModel
@@ -58,7 +58,7 @@ from histosynth.checkpoint import CheckpointError, atomic_save, atomic_write_tex
 from histosynth.config import ConfigError, dump_yaml, to_dict
 from histosynth.distributed import Dist, setup as setup_distributed
 from histosynth.errors import UserError
-from histosynth.paths import claim_output_dir
+from histosynth.paths import MARKER, check_apart, check_claimable, claim_output_dir, hold
 from histosynth.roles import Task
 from histosynth.runtime import NonFiniteLossError, Runtime
 from histosynth.viz import plot_curves, save_grid
@@ -109,17 +109,46 @@ class RunDir:
         return path
 
 
-def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> RunDir:
-    """Check that ``out`` may be written: new/empty, or ``--resume``, or ``--overwrite``."""
+@contextlib.contextmanager
+def open_run_dir(out: str | Path, resume: bool, overwrite: bool,
+                 inputs: Mapping[str, Any] | None = None) -> Iterator[RunDir]:
+    """``out`` as a run directory that this process alone writes for the block (its lock held):
+    apart from ``inputs``; new or empty, ``--resume`` (a run's folder: its killed writes' temporary
+    files are removed), ``--overwrite`` (a histosynth folder), or a start that failed before it
+    computed anything (taken over). Everything is checked before anything is written."""
     run = RunDir(Path(out))
+    hint = f"pass --resume {out} to continue that run, --overwrite to replace it, or another --out"
+    check_apart(run.root, inputs or {})
     if resume:
         if not run.config.is_file():
             raise RunDirError(f"cannot resume: {out} has no config.yaml (is it a histosynth run directory?)")
-        remove_stale_temps(run.root)          # a kill inside a write leaves its temp file
-        return run
-    claim_output_dir(run.root, overwrite, hint=f"pass --resume {out} to continue that run, "
-                                              "--overwrite to replace it, or another --out")
-    return run
+    elif _computed_nothing(run):
+        overwrite = True
+    else:
+        check_claimable(run.root, overwrite, hint, inputs)
+    with hold(run.root):
+        if resume:
+            remove_stale_temps(run.root)          # a kill inside a write leaves its temp file
+        else:
+            claim_output_dir(run.root, overwrite, hint, inputs)
+        yield run
+
+
+def _computed_nothing(run: RunDir) -> bool:
+    """A histosynth run folder whose start failed (bad data, say) before any step was logged."""
+    return ((run.root / MARKER).is_file() and run.config.is_file() and not run.checkpoints.exists()
+            and not run.metrics.exists() and not run.samples.exists())
+
+
+def run_inputs(run: str | Path) -> dict[str, Any]:
+    """What a command that reads trained run ``run`` must keep its output apart from: the run
+    directory and the data it was trained on (its data.json)."""
+    out: dict[str, Any] = {"run": Path(run)}
+    data_json = Path(run) / "data.json"
+    if data_json.is_file():
+        info = json.loads(data_json.read_text())
+        out.update({f"run's training data ({k})": info[k] for k in ("root", "root_a", "root_b") if info.get(k)})
+    return out
 
 
 def load_checkpoint(path: str | Path, tasks: Mapping[str, Any] | None = None, tool: str = "") -> dict[str, Any]:

@@ -16,6 +16,7 @@ raise :class:`UnreadableImage`, which callers turn into one skip-and-report warn
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise UnreadableImage("larger than Pillow's decompression-bomb limit "
                               f"({Image.MAX_IMAGE_PIXELS} pixels)") from None
     except FileNotFoundError:
+        if Path(path).is_symlink():
+            raise UnreadableImage(f"a broken symbolic link (to {os.readlink(path)})") from None
         raise
     except Exception as e:  # Pillow raises many types for broken files
         msg = str(e).split("\n")[0] or type(e).__name__
@@ -90,8 +93,11 @@ def read_rgb8(path: str | Path) -> np.ndarray:
 
 
 def list_images(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` by extension, sorted; broken symbolic links are
+    listed too, so that reading them reports them as skipped rather than ignoring them."""
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+                  if (p.is_file() or p.is_symlink()) and not p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))
 
 
 def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -121,6 +127,12 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int
     if empty:
         raise DataError(f"empty class folder(s) in {root}: {', '.join(empty)} (no "
                         f"{'/'.join(IMAGE_EXTENSIONS)} files). Add images or remove the folder.")
+    nested = [p for c in classes for d in (root / c).iterdir() if d.is_dir() and not d.name.startswith(".")
+              for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if nested:
+        warnings.warn(f"{len(nested)} image(s) in sub-folders of the class folders of {root} are not read (a "
+                      f"class is the images directly in its folder), e.g. {nested[0].relative_to(root)}",
+                      SkippedFilesWarning, stacklevel=2)
     return classes, items
 
 

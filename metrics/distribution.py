@@ -8,7 +8,10 @@ FID is strongly biased at small sample sizes (and its covariance is singular whe
 samples than feature dimensions): :func:`distribution_metrics` warns and points to KID, which is
 unbiased. Intervals come from repeated subsampling of 80 % of each set without replacement
 (resampling *with* replacement would put duplicate points into the nearest-neighbour metrics and
-give zero radii); they show sampling variability, not a strict 95 % CI of the full-set value.
+give zero radii); they show sampling variability, not a strict 95 % CI of the full-set value. As
+FID falls with the number of samples, the subsamples' values sit above the full-set value; the
+interval is their 2.5-97.5 % spread placed around the full-set value (value + quantile - median),
+so a value always lies inside its own interval.
 
 Precision/recall/density/coverage need the full pairwise distance matrices of both sets (O(N^2)
 memory: 80 GB at 100k tiles), so beyond ``prdc_max`` samples per set they are computed on a seeded
@@ -98,7 +101,7 @@ def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, k: int = 5, n_b
     out = {}
     for name, value in point.items():
         vals = np.array([b[name] for b in boots]) if boots else np.array([value])
-        lo, hi = np.quantile(vals, [0.025, 0.975])
+        lo, hi = value + np.quantile(vals, [0.025, 0.975]) - np.median(vals)
         out[name] = {"value": value, "ci_low": float(lo), "ci_high": float(hi),
                      "n_real": int(real.shape[0]), "n_fake": int(fake.shape[0])}
         if name not in ("fid", "kid"):

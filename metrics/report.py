@@ -38,11 +38,11 @@ from tqdm.auto import tqdm
 
 from classifier.train import checkpoint_info
 from histosynth.checkpoint import CheckpointError, atomic_save, atomic_write_csv, atomic_write_text, safe_load
-from histosynth.engine import load_checkpoint
+from histosynth.engine import load_checkpoint, run_inputs
 from histosynth.cli import run_cli
 from histosynth.errors import UserError
 from histosynth.data import TileCache, default_cache_dir
-from histosynth.paths import claim_output_dir
+from histosynth.paths import check_apart, claim_output_dir
 from histosynth.runtime import resolve_device
 from histosynth.stain import STAIN_CHANNELS, stain_od
 from histosynth.stats import mean_ci
@@ -132,6 +132,33 @@ def features(cache: TileCache, ext: Extractor, progress: bool, batch: int = 64) 
     return feats
 
 
+def _warn_mismatch(real: str, fake: str, R: TileCache, F: TileCache, size: int) -> None:
+    """Say so when the sets are not alike enough for the comparison to mean what it seems to."""
+    if len(R.classes) > 1 and len(F.classes) > 1 and not set(R.classes) & set(F.classes):
+        warnings.warn(f"--real and --fake share no class folder name (real: {', '.join(R.classes)}; fake: "
+                      f"{', '.join(F.classes)}): only the overall rows are computed", stacklevel=2)
+    sizes = {name: typical_size(root, s.files) for name, root, s in (("real", real, R), ("synthetic", fake, F))}
+    if None not in sizes.values() and sizes["real"] != sizes["synthetic"]:
+        (rw, rh), (fw, fh) = sizes["real"], sizes["synthetic"]
+        warnings.warn(f"real tiles are {rw} x {rh} px and synthetic {fw} x {fh} px: both are resized to "
+                      f"{size} px, so the metrics also see the resizing (generate at the real size, or "
+                      "compare at the smaller size with --size)", stacklevel=2)
+
+
+def typical_size(root: str | Path, files: list[str], n: int = 20) -> tuple[int, int] | None:
+    """The most common (width, height) of up to ``n`` files (headers only)."""
+    from collections import Counter
+    from PIL import Image
+    seen = Counter()
+    for f in files[:: max(1, len(files) // n)][:n]:
+        try:
+            with Image.open(Path(root) / f) as img:
+                seen[img.size] += 1
+        except Exception:
+            continue
+    return seen.most_common(1)[0][0] if seen else None
+
+
 def _by_class(real: TileCache, fake: TileCache):
     if len(real.classes) == 1 or len(fake.classes) == 1:
         return []
@@ -158,9 +185,13 @@ def build_report(real: str, fake: str | None, out: str, train: str | None = None
     OUT/generated and score those."""
     if (fake is None) == (generator is None):
         raise ReportError("give --fake (a folder of synthetic tiles) or --generator (a trained run), not both")
-    out_p = claim_output_dir(out, overwrite)
     if filter_dir and not train:
         raise ReportError("--filter needs --train (the near-copies are found against the training set)")
+    inputs = {"--real": real, "--fake": fake, "--train": train, "--weights": weights,
+              **({f"--generator {k}": v for k, v in run_inputs(generator).items()} if generator else {})}
+    if filter_dir:
+        check_apart(filter_dir, {**inputs, "--out": out}, flag="--filter")
+    out_p = claim_output_dir(out, overwrite, inputs=inputs)
     if generator is not None:
         from gans.generate import generate
         fake = str(out_p / "generated")
@@ -172,6 +203,10 @@ def build_report(real: str, fake: str | None, out: str, train: str | None = None
     for message in caught:
         warnings.warn(message, stacklevel=2)
     R, F = load_set(real, size, progress), load_set(fake, size, progress)
+    for name, s in (("--real", R), ("--fake", F)):
+        if len(s) < 3:
+            raise ReportError(f"{name} has {len(s)} readable tile(s); the distribution metrics need at least 3")
+    _warn_mismatch(real, fake, R, F, size)
     fr, ff = features(R, ext, progress), features(F, ext, progress)
     result: dict = {"real": str(real), "fake": str(fake), "extractor": ext.describe(),
                     "tile_size": size, "counts": {"real": len(R), "fake": len(F)}, "prdc_max": prdc_max}
@@ -417,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"piq-report: wrote {Path(args.out) / 'report.html'}, report.md and metrics.json")
         return 0
 
-    return run_cli("piq-report", _run)
+    return run_cli("piq-report", _run, log_dir=args.out)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,11 @@ def load_data(cfg: CycleGANConfig, progress: bool = True) -> tuple[TileCache, Ti
     return out[0], out[1]
 
 
+def inputs(cfg: CycleGANConfig) -> dict[str, Path | None]:
+    return {f"data.{k}": resolve_data_path(getattr(cfg.data, k)) if getattr(cfg.data, k) else None
+            for k in ("root_a", "root_b", "test_a", "test_b")}
+
+
 def provenance(cfg: CycleGANConfig, data: tuple[TileCache, TileCache]) -> dict:
     info = {}
     for key, cache in zip(("a", "b"), data):
@@ -455,5 +460,5 @@ FAMILY = Family(name="cyclegan", paper="Zhu et al., ICCV 2017", config=CycleGANC
                        "data.image_size=32", "model.ngf=8", "model.ndf=8", "model.n_blocks=2", "loss.pool_size=3",
                        "train.batch_size=2", "train.steps=4", "train.checkpoint_every=2", "train.sample_every=2",
                        "train.log_every=1", "train.device=cpu", "eval.max_images=2", "eval.tile=128"),
-                load_data=load_data, provenance=provenance, build_task=CycleGANTask,
+                inputs=inputs, load_data=load_data, provenance=provenance, build_task=CycleGANTask,
                 from_checkpoint=_from_checkpoint, finish=_evaluate_run)
