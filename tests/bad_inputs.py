@@ -3,15 +3,21 @@
 OUT/
   images/<class>/       good real tiles plus, in the first class, every kind of bad or odd file:
                         corrupt.jpg, truncated.png, zero.png, not_an_image.png (text), bomb.png
-                        (beyond Pillow's decompression-bomb limit), and readable oddities that must
+                        (beyond Pillow's decompression-bomb limit), broken_link.png (a symbolic link
+                        to nothing), tiny.png (3 x 3 px), nested/extra.png (an image in a sub-folder
+                        of a class folder: not read, reported), and readable oddities that must
                         be converted, not skipped: gray16.tif (16-bit), rgb48.tif (16 bits per
                         RGB channel, as microscope cameras export), rgba.png, palette.png, gray.png
   flat/                 the same files without class folders (gan-translate input)
+  stems/                a.png, a.jpg, a.tif: three images sharing one stem (gan-translate's output names)
+  long/                 an image whose name is 240 characters long
   empty_class/<c>/      class folders, one of them empty
   split/{train,val,test}/<class>/   a train/val/test tree with bad files in train
   unpaired/{a,b}/       CycleGAN paired test folders whose names do not match
   yaml/                 unknown_key.yaml, wrong_type.yaml, negative_lr.yaml, missing_path.yaml,
-                        not_a_mapping.yaml, broken.yaml (invalid YAML)
+                        not_a_mapping.yaml, broken.yaml (invalid YAML), alias_bomb.yaml (a
+                        billion laughs under a typed key), duplicate_key.yaml, duplicate_section.yaml,
+                        deep.yaml (nested 500 levels), latin1.yaml (not UTF-8)
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import numpy as np
 from PIL import Image
 
 ODD_READABLE = ("gray16.tif", "rgb48.tif", "rgba.png", "palette.png", "gray.png")
-UNREADABLE = ("corrupt.jpg", "truncated.png", "zero.png", "not_an_image.png", "bomb.png")
+UNREADABLE = ("corrupt.jpg", "truncated.png", "zero.png", "not_an_image.png", "bomb.png", "broken_link.png",
+              "tiny.png")
 
 
 def write_rgb48_tiff(path: Path, rgb16: np.ndarray) -> None:
@@ -63,6 +70,8 @@ def _bad_files(dst: Path, src_tile: Path) -> None:
     Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)]), "RGBA").save(dst / "rgba.png")
     Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(dst / "palette.png")
     Image.fromarray(gray.astype(np.uint8), "L").save(dst / "gray.png")
+    (dst / "broken_link.png").symlink_to(dst / "nowhere" / "gone.png")
+    Image.fromarray(rgb[:3, :3]).save(dst / "tiny.png")
 
 
 def make_corpus(out: str | Path, real: str | Path, n_classes: int = 3, per_class: int = 4) -> Path:
@@ -88,6 +97,15 @@ def make_corpus(out: str | Path, real: str | Path, n_classes: int = 3, per_class
     for f in (out / "images").rglob("*"):
         if f.is_file():
             shutil.copy(f, out / "flat" / f.name)
+    (out / "flat" / "broken_link.png").symlink_to(out / "nowhere" / "gone.png")
+    (first / "nested").mkdir()
+    shutil.copy(sorted(classes[0].iterdir())[1], first / "nested" / "extra.png")
+    tile = Image.open(sorted(classes[0].iterdir())[0]).convert("RGB")
+    (out / "stems").mkdir()
+    for ext in ("png", "jpg", "tif"):
+        tile.save(out / "stems" / f"a.{ext}")
+    (out / "long").mkdir()
+    tile.save(out / "long" / ("x" * 236 + ".png"))
     for side, names in (("a", ("x1.png", "x2.png")), ("b", ("y1.png", "y2.png"))):
         (out / "unpaired" / side).mkdir(parents=True)
         for n, f in zip(names, sorted(classes[0].iterdir())):
@@ -100,6 +118,13 @@ def make_corpus(out: str | Path, real: str | Path, n_classes: int = 3, per_class
     (y / "missing_path.yaml").write_text("data:\n  root: /nonexistent/histosynth/data\n")
     (y / "not_a_mapping.yaml").write_text("- just\n- a list\n")
     (y / "broken.yaml").write_text("train: {steps: [1, 2\n")
+    laughs = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    laughs += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    (y / "alias_bomb.yaml").write_text("\n".join(laughs) + "\ntrain:\n  betas: *a8\n")
+    (y / "duplicate_key.yaml").write_text("train:\n  steps: 10\n  steps: 5000\n")
+    (y / "duplicate_section.yaml").write_text("train: {steps: 10}\nmodel: {ch: 8}\ntrain: {lr_g: 0.1}\n")
+    (y / "deep.yaml").write_text("train: " + "[" * 500 + "]" * 500 + "\n")
+    (y / "latin1.yaml").write_bytes("# caf\xe9\ntrain: {steps: 10}\n".encode("latin-1"))
     return out
 
 

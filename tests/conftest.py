@@ -21,10 +21,12 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def crc_mini() -> Path:
-    """32 real CRC tiles in 8 class folders (../shared/data/crc_mini), or the bundled lung demo."""
+def crc_mini(tmp_path_factory) -> Path:
+    """32 real CRC tiles in 8 class folders (../shared/data/crc_mini), or the bundled lung demo:
+    a copy, so that no test -- not even one that finds a regression of the input/output guards --
+    can change the team's data or the checkout's demo tiles."""
     p = SHARED / "crc_mini"
-    return p if p.is_dir() else DEMO / "train"
+    return Path(shutil.copytree(p if p.is_dir() else DEMO / "train", tmp_path_factory.mktemp("data") / "crc_mini"))
 
 
 @pytest.fixture(scope="session")
