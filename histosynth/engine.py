@@ -162,7 +162,7 @@ def load_checkpoint(path: str | Path, tasks: Mapping[str, Any] | None = None, to
     if fmt == "histosynth/1":                # GAN runs written before the engine: same tensors
         ck = {**ck, "format": CHECKPOINT_FORMAT, "task": ck.get("family"), "task_state": ck.get("extra", {}),
               "info": {k: ck.get("extra", {}).get(k) for k in ("classes", "num_classes")},
-              "engine": {"history": [], "best": None, "best_step": None, "bad_evals": 0, "done": False}}
+              "engine": _fresh_engine_state()}
     if tasks is not None and ck.get("task") not in tasks:
         raise CheckpointError(f"{path} holds a {ck.get('task')!r} model; {tool}")
     return ck
