@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from bad_inputs import make_corpus
-from conftest import tiny_overrides
+from conftest import image_files, tiny_overrides
 from experiments.augment_compare import main as compare_main
 from gans.cyclegan_eval import main as eval_main
 from gans.generate import main as generate_main
@@ -206,7 +206,7 @@ def test_the_tile_cache_checks_itself(data, tmp_path, recwarn):
         assert any("damaged" in str(w.message) for w in recwarn.list)
         recwarn.clear()
     # pixels rewritten with the file's size and modification time restored: not served stale
-    f = sorted(data.rglob("*.png"))[0]
+    f = image_files(data)[0]
     st = f.stat()
     img = np.array(Image.open(f).convert("RGB"))
     Image.fromarray(255 - img).save(f)
@@ -360,7 +360,7 @@ def test_silent_surprises_are_said(corpus, data, tmp_path, capsys):
 def test_piq_report_says_what_it_cannot_compare(data, tmp_path, trained_run, capsys):
     few = tmp_path / "few"
     few.mkdir()
-    for f in sorted(data.rglob("*.png"))[:2]:
+    for f in image_files(data)[:2]:
         Image.open(f).convert("RGB").save(few / f.name)
     rc, err = _run(report_main, ["--real", data, "--fake", few, "--out", tmp_path / "p"], capsys)
     _one_line(rc, err, "piq-report", "--fake has 2 readable tile(s)")
