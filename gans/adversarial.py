@@ -1,7 +1,7 @@
 """The class-conditional GAN task every adversarial family shares (DCGAN, SNGAN, WGAN-GP).
 
 A family module gives its networks and paper loss to :func:`adversarial_family`; everything else
-is here: the training data (a decoded tile cache of class folders), the :class:`GANTask` the
+is here or in :mod:`gans.classdata` (the training data: a decoded tile cache of class folders): the :class:`GANTask` the
 engine trains (``n_dis`` discriminator updates then one generator update per step, stylegan2-ada
 style maths in one object), and :class:`NoiseSampler`, the :class:`~histosynth.roles.Generator`
 of a trained run.
@@ -10,51 +10,24 @@ of a trained run.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from gans.classdata import inputs, load_data, provenance
 from gans.config import GANConfig
 from gans.diffaugment import diff_augment, parse_policy
 from gans.losses import AdversarialLoss, gradient_penalty
 from gans.registry import Family, create_model
 from histosynth import config as configlib
-from histosynth.checkpoint import sha256_file
 from histosynth.config import ConfigError
-from histosynth.data import BatchSampler, TileCache, cache_dir_of, flip_rot90, to_uint8, to_unit_range
+from histosynth.data import BatchSampler, TileCache, flip_rot90, to_uint8, to_unit_range
 from histosynth.engine import module_state, require_divisible
-from histosynth.paths import resolve_data_path
 from histosynth.roles import Grid
 from histosynth.runtime import Runtime, compiled, eval_mode
-
-
-# ----------------------------------------------------------------------------------------------
-# data
-
-
-def load_data(cfg: GANConfig, progress: bool = True) -> TileCache:
-    d = cfg.data
-    ref = str(resolve_data_path(d.stain_reference)) if d.stain_reference else None
-    return TileCache.build(resolve_data_path(d.root), d.image_size, d.stain_norm, ref,
-                           cache_dir_of(d), progress=progress)
-
-
-def inputs(cfg: GANConfig) -> dict[str, Path | None]:
-    d = cfg.data
-    return {"training data (data.root)": resolve_data_path(d.root),
-            "stain reference (data.stain_reference)": resolve_data_path(d.stain_reference) if d.stain_reference else None}
-
-
-def provenance(cfg: GANConfig, data: TileCache) -> dict:
-    """data.json: classes, counts, skipped files and the sha256 of every training file
-    (gan-generate copies them into the synthetic set's source.json, so augment-compare can prove
-    no validation/test image trained the generator)."""
-    root = resolve_data_path(cfg.data.root)
-    return {"root": str(root.resolve()), "classes": data.classes, "counts": data.class_counts(),
-            "skipped": data.skipped, "files_sha256": {f: sha256_file(root / f) for f in data.files}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,9 +81,10 @@ class GANTask:
         t = cfg.train
         require_divisible(t.batch_size, rt.world, "train.batch_size")
         self.plan = t.plan(images_per_step=t.n_dis * t.batch_size)
-        self.num_classes = len(data.classes) if cfg.model.conditioning == "class" else 0
+        self.num_classes = len(data.classes) if cfg.model.conditioning != "none" else 0
+        self.ac = cfg.model.conditioning == "ac"          # ACGAN: D classifies, no projection
         G, D = create_model(cfg.model.family, cfg.data.image_size, self.num_classes,
-                            cfg.model.z_dim, cfg.model.ch)
+                            cfg.model.z_dim, cfg.model.ch, cfg.model.conditioning)
         self.G, self.D = rt.prepare(G), rt.prepare(D)
         fused = {"fused": True} if rt.device.type == "cuda" else {}
         self.modules = {"G": self.G, "D": self.D}
@@ -157,18 +131,30 @@ class GANTask:
         out.update(self.g_step(y))
         return out
 
+    def _discriminate(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D's logits (fp32) and, for an ACGAN, its class logits."""
+        if self.ac:
+            logits, cls = self.D.classify(x)
+            return logits.float(), cls.float()
+        return self.run_D(x, y).float(), None
+
     def d_step(self, real: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One discriminator update on ``real`` and as many fresh fakes of labels ``y``."""
         self.D.requires_grad_(True)
         with torch.no_grad(), self.rt.autocast():
             fake = self.run_G(self._noise(real.shape[0]), y)
         with self.rt.autocast():
-            real_logits = self.run_D(self._augment(real), y).float()
-            fake_logits = self.run_D(self._augment(fake), y).float()
+            real_logits, real_cls = self._discriminate(self._augment(real), y)
+            fake_logits, fake_cls = self._discriminate(self._augment(fake), y)
             loss = self.loss.d(real_logits, fake_logits)
         total = loss
         out = {"loss_d": loss.detach(), "d_real": real_logits.mean().detach(),
                "d_fake": fake_logits.mean().detach()}
+        if self.ac:          # D learns the intended class of real and fake images (Odena 2017)
+            ac = F.cross_entropy(real_cls, y) + F.cross_entropy(fake_cls, y)
+            total = total + self.cfg.loss.ac_weight * ac
+            out["loss_ac_d"] = ac.detach()
+            out["ac_acc_real"] = (real_cls.argmax(1) == y).float().mean()
         if self.gp_weight > 0:
             gp = gradient_penalty(self.D, self._augment(real), self._augment(fake.float()), y)
             total = total + self.gp_weight * gp
@@ -185,13 +171,20 @@ class GANTask:
         self.D.requires_grad_(False)
         with self.rt.autocast():
             fake = self.run_G(self._noise(n), y)
-            loss = self.loss.g(self.run_D(self._augment(fake), y).float())
+            logits, cls = self._discriminate(self._augment(fake), y)
+            loss = self.loss.g(logits)
+        out = {"loss_g": loss.detach()}
+        total = loss
+        if self.ac:          # G makes images D classifies as their intended class
+            ac = F.cross_entropy(cls, y)
+            total = total + self.cfg.loss.ac_weight * ac
+            out["loss_ac_g"] = ac.detach()
         opt = self.optimizers["G"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         opt.step()
         self.D.requires_grad_(True)
-        return {"loss_g": loss.detach()}
+        return out
 
     # -- evaluation, pictures and state --------------------------------------------------------
     def generator(self, G: nn.Module) -> NoiseSampler:
@@ -250,6 +243,6 @@ def adversarial_family(name: str, networks: Callable[..., tuple[nn.Module, nn.Mo
     return Family(name=name, paper=paper, config=GANConfig, config_file=f"{name}.yaml", smoke=SMOKE,
                   inputs=inputs, load_data=load_data, provenance=provenance, build_task=GANTask,
                   from_checkpoint=_from_checkpoint,
-                  class_conditional=lambda cfg: cfg.model.conditioning == "class",
+                  class_conditional=lambda cfg: cfg.model.conditioning != "none",
                   networks=networks, default_loss=default_loss)
 

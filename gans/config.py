@@ -17,7 +17,7 @@ RESUME_MAY_CHANGE = frozenset({
     "train.steps", "train.checkpoint_every", "train.sample_every", "train.log_every", "train.snapshot_every",
     "train.kid_every", "train.kid_samples", "train.samples_per_class", "train.device", "train.amp",
     "train.channels_last", "train.compile", "data.cache", "data.cache_dir", "data.test_a", "data.test_b",
-    "eval.max_images", "eval.tile"})
+    "eval.max_images", "eval.tile", "sample.scheduler", "sample.steps", "sample.guidance_scale"})
 """Keys a ``train-gan --resume`` may change: how long it trains, how often it logs, samples,
 evaluates and saves, where it runs and caches, and what it is evaluated on. Any other change
 would make the run something other than what it was trained as (and its provenance wrong)."""
@@ -60,8 +60,10 @@ class DataConfig:
 class ModelConfig:
     family: str = "sngan"
     """A GAN family of gans/families/: dcgan | sngan | wgan_gp (``gans.registry.adversarial_families()``)."""
-    conditioning: Literal["class", "none"] = "class"
+    conditioning: Literal["class", "ac", "none"] = "class"
     """``class``: one model makes every class (class-conditional G, projection D);
+    ``ac``: ACGAN (Odena et al. 2017): class-conditional G, an unconditional D with an auxiliary
+    classification head, the auxiliary loss for D and G weighted by ``loss.ac_weight``;
     ``none``: unconditional (class folders are still read; labels are ignored)."""
     z_dim: int = 128
     """Size of the latent noise vector."""
@@ -86,9 +88,13 @@ class LossConfig:
     """Gradient-penalty weight (Gulrajani 2017: 10 for wgan_gp); 0 turns it off."""
     label_smoothing: float = 0.0
     """One-sided label smoothing (Salimans 2016): real targets become 1 - value (bce, lsgan)."""
+    ac_weight: float = 1.0
+    """``model.conditioning: ac``: weight of the auxiliary classification loss (cross-entropy of
+    the intended class, on real and fake images for D, on fakes for G; Odena 2017: 1)."""
 
     def __post_init__(self):
         require(self.gp_weight >= 0, "gp_weight", f"must be >= 0, got {self.gp_weight}")
+        require(self.ac_weight >= 0, "ac_weight", f"must be >= 0, got {self.ac_weight}")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing",
                 f"must be in [0, 0.5), got {self.label_smoothing}")
 

@@ -34,8 +34,10 @@ MANIFEST_FIELDS = ["file", "class", "seed", "checkpoint_sha256", "step", "family
 
 def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
              weights: str = "ema", batch_size: int = 64, overwrite: bool = False,
-             device: str = "auto", progress: bool = True, checkpoint: str | int = "last") -> Path:
-    """Write ``per_class`` tiles of every class into ``out``; returns the manifest path."""
+             device: str = "auto", progress: bool = True, checkpoint: str | int = "last",
+             options: dict | None = None) -> Path:
+    """Write ``per_class`` tiles of every class into ``out``; returns the manifest path.
+    ``options`` go to the generator's ``sample`` (a diffusion model's steps, guidance_scale ...)."""
     if per_class < 1:
         raise configlib.ConfigError("--per-class", f"must be >= 1, got {per_class}")
     if batch_size < 1:
@@ -49,7 +51,7 @@ def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
     bar = tqdm(total=len(jobs), desc="generating", unit="tile", disable=not progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        imgs = gen.sample([ci for ci, _, _, _ in chunk], [s for _, _, _, s in chunk])
+        imgs = gen.sample([ci for ci, _, _, _ in chunk], [s for _, _, _, s in chunk], **(options or {}))
         imgs = imgs.permute(0, 2, 3, 1).numpy()                      # B x S x S x 3 uint8
         for (_, c, j, s), img in zip(chunk, imgs):
             rel = Path(c) / f"{c}_{j:05d}.png"
@@ -64,6 +66,17 @@ def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
     atomic_write_csv(manifest, rows, MANIFEST_FIELDS)
     atomic_write_text(out / "source.json", json.dumps(_source(run, ck, ck_sha), indent=1))
     return manifest
+
+
+def parse_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings (values read as YAML: 20, 2.5, ddim) as a mapping."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise configlib.ConfigError("--option", f"expects KEY=VALUE (e.g. steps=20), got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = configlib.parse_yaml(value) if value.strip() else None
+    return out
 
 
 def _source(run: str | Path, ck: dict, ck_sha: str) -> dict:
@@ -92,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="which checkpoint of the run: last (default), best (lowest KID, when the run "
                         "evaluated it) or a snapshot's step")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a sampling option of the family (diffusion: scheduler=ddim, steps=50, "
+                        "guidance_scale=3); repeatable")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
@@ -100,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
         manifest = generate(args.run, args.out, args.per_class, args.seed, args.weights,
                             args.batch_size, args.overwrite, args.device, not args.no_progress,
-                            args.checkpoint)
+                            args.checkpoint, parse_options(args.option))
         print(f"gan-generate: wrote {args.per_class} tiles per class to {args.out}; manifest {manifest}")
         return 0
 

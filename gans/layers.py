@@ -173,8 +173,34 @@ class ResNetDiscriminator(nn.Module):
             blocks.append(DBlock(a, b, downsample=i < n_down, sn=sn, norm=norm))
         self.blocks = nn.Sequential(*blocks)
         self.head = ProjectionHead(widths[-1], num_classes, sn=sn)
+        self.feature_dim = widths[-1]
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def logit_and_features(self, x: torch.Tensor, y: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logit B and pooled features B x C (what an auxiliary classifier reads)."""
         h = F.relu(self.blocks(x))                              # B x C x h x w
         feat = h.sum(dim=(2, 3)) if self.pool == "sum" else h.mean(dim=(2, 3))   # B x C
-        return self.head(feat, y)                               # B
+        return self.head(feat, y), feat                         # B, B x C
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logit_and_features(x, y)[0]
+
+
+class AuxiliaryClassifierD(nn.Module):
+    """The discriminator of an ACGAN (Odena et al. 2017): an unconditional discriminator's
+    real/fake logit plus a K-way classifier on its pooled features. ``forward`` gives the logit
+    alone (gradient penalty, generic code); ``classify`` gives both."""
+
+    def __init__(self, D: nn.Module, num_classes: int):
+        super().__init__()
+        if not hasattr(D, "logit_and_features"):
+            raise ValueError(f"{type(D).__name__} exposes no pooled features for an auxiliary classifier")
+        self.net = D
+        self.aux = nn.Linear(D.feature_dim, num_classes)        # B x C -> B x K
+
+    def classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit, feat = self.net.logit_and_features(x)
+        return logit, self.aux(feat)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from histosynth.config import require_choice
+from histosynth.config import ConfigError, require_choice
 from histosynth.engine import RunDir, RunDirError, load_checkpoint
 from histosynth.registry import discover
 from histosynth.roles import Generator, Task, Translator
@@ -54,6 +54,10 @@ class Family:
     """(checkpoint, weights 'ema' | 'raw', device) -> what the trained run does."""
     class_conditional: Callable[[Any], bool] = lambda cfg: False
     """Does a run of this config draw tiles of named classes (what augment-compare's GAN stage needs)?"""
+    cpu_bf16: bool = True
+    """Does ``amp: auto`` mean bf16 autocast + channels_last on a CPU with native bf16 (AMX /
+    AVX-512 BF16)? True where it was measured to pay (the GANs: 2-5x); False keeps fp32 NCHW on
+    every CPU (the diffusion UNet: bf16 measured 12 % slower)."""
     finish: Callable[[Path, bool], dict] | None = None
     """(run dir, progress) -> called on rank 0 after training (CycleGAN: its evaluation)."""
     networks: Callable[..., tuple[nn.Module, nn.Module]] | None = None
@@ -82,16 +86,27 @@ def get_family(name: str, key: str = "model.family") -> Family:
 
 
 def create_model(family: str, image_size: int = 64, num_classes: int = 0, z_dim: int = 128,
-                 ch: int = 64) -> tuple[nn.Module, nn.Module]:
+                 ch: int = 64, conditioning: str = "class") -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) of an adversarial ``family``; ``num_classes=0``: unconditional.
 
     The generator maps ``(z: B x z_dim, y: B or None)`` to ``B x 3 x S x S`` in [-1, 1]; the
-    discriminator maps ``(x, y)`` to one logit per image.
+    discriminator maps ``(x, y)`` to one logit per image: with a projection term
+    (``conditioning="class"``), or, for ``"ac"``, unconditional with an auxiliary classifier
+    head (:class:`gans.layers.AuxiliaryClassifierD`).
     """
     require_choice(family, adversarial_families(), "model.family", "a family with G/D networks")
     if image_size not in RESOLUTIONS:
         raise ValueError(f"image_size {image_size} is not supported; choose one of {RESOLUTIONS}")
-    return families()[family].networks(image_size=image_size, num_classes=num_classes, z_dim=z_dim, ch=ch)
+    build = families()[family].networks
+    G, D = build(image_size=image_size, num_classes=num_classes, z_dim=z_dim, ch=ch)
+    if conditioning == "ac" and num_classes:
+        from gans.layers import AuxiliaryClassifierD
+        _, D_plain = build(image_size=image_size, num_classes=0, z_dim=z_dim, ch=ch)
+        try:
+            D = AuxiliaryClassifierD(D_plain, num_classes)
+        except ValueError as e:
+            raise ConfigError("model.conditioning", f"'ac' is not available for {family}: {e}") from None
+    return G, D
 
 
 _OTHER_ROLE = {Generator: "translates images rather than drawing tiles; use gan-translate",

@@ -69,7 +69,7 @@ def train_gan(cfg, out: str | Path, resume: bool = False, overwrite: bool = Fals
         data = _rank0_first(dist, lambda: family.load_data(cfg, progress))
         if dist.main:
             write_provenance(run, family.provenance(cfg, data), resume)
-        rt = Runtime.from_choices(t.device, t.amp, t.channels_last, cpu_fast_path=True)
+        rt = Runtime.from_choices(t.device, t.amp, t.channels_last, cpu_fast_path=family.cpu_bf16)
         summary = engine.train(family.name, cfg, lambda rt: family.build_task(cfg, data, rt), run, rt,
                                seed=t.seed, resume=resume, progress=progress)
         if family.finish is not None and dist.main:
@@ -166,7 +166,7 @@ def _main(args: argparse.Namespace) -> int:
                         progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")):         # torchrun: rank 0 reports
         return 0
-    last = ", ".join(f"{k} {v:.4g}" for k, v in summary["last"].items() if k in ("loss_d", "loss_g"))
+    last = ", ".join(f"{k} {v:.4g}" for k, v in summary["last"].items() if k.startswith("loss") and "_" not in k[5:])
     best = f"; best KID {summary['best']:.4g} at step {summary['best_step']}" if summary["best"] is not None else ""
     print(f"train-gan: finished step {summary['step']} in {summary['seconds']:.0f} s on "
           f"{summary['device']} ({last}{best}); run directory: {out}")

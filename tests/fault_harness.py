@@ -3,7 +3,8 @@
     python tests/fault_harness.py --kills 20 --out /tmp/faults          # every job, 20 kills each
     python tests/fault_harness.py --jobs dcgan compare --kills 3        # a subset (what CI runs)
 
-For each job (dcgan, sngan, wgan_gp, cyclegan: train-gan; ddp_wgan_gp: train-gan on 2 gloo
+For each job (dcgan, sngan, wgan_gp, cyclegan, acgan (sngan with an auxiliary classifier),
+diffusion (with KID evaluations and best.pt): train-gan; ddp_wgan_gp: train-gan on 2 gloo
 processes under torchrun, the whole process tree killed as a pre-empted job is; classifier: an
 augment-compare cell killed mid-training; compare: a 2 x 2 augment-compare run) the harness runs it once uninterrupted,
 then again under fire (as many runs as it takes to land the kills): each attempt is SIGKILLed either after a random delay or, every other
@@ -72,10 +73,12 @@ def kill_tree(pid: int) -> list[int]:
     return tree
 
 
-def _gan_job(family: str, procs: int = 1):
-    from conftest import tiny_overrides
-    sets = tiny_overrides(TILES, **{"train.steps": 200 if procs == 1 else 60, "train.checkpoint_every": 4,
-                                    "train.sample_every": 50, "train.log_every": 2})
+def _gan_job(family: str, procs: int = 1, **extra):
+    """train-gan of ``family`` from its own smoke settings, longer, on the harness's tiles."""
+    from gans.registry import families
+    sets = [*families()[family].smoke, f"data.root={TILES}", f"train.steps={200 if procs == 1 else 60}",
+            "train.checkpoint_every=4", "train.sample_every=50", "train.log_every=2",
+            *(f"{k}={v}" for k, v in extra.items())]
     launch = [sys.executable, "-m", "gans.train_gan"] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
         "-m", "gans.train_gan"]
@@ -117,6 +120,8 @@ def _compare_job(arms: str, seeds: str, epochs: int):
 JOBS = {
     "dcgan": lambda: _gan_job("dcgan"), "sngan": lambda: _gan_job("sngan"),
     "wgan_gp": lambda: _gan_job("wgan_gp"), "cyclegan": _cyclegan_job,
+    "acgan": lambda: _gan_job("sngan", **{"model.conditioning": "ac"}),
+    "diffusion": lambda: _gan_job("diffusion", **{"train.steps": 100, "train.kid_every": 20, "train.kid_samples": 8}),
     "ddp_wgan_gp": lambda: _gan_job("wgan_gp", procs=2),
     "classifier": lambda: _compare_job("[{name: real_only, augment: classic}]", "[0]", 12),
     "compare": lambda: _compare_job("[{name: real_only}, {name: balanced, sampler: balanced}]", "[0, 1]", 4),
@@ -128,7 +133,7 @@ def _gan_final(out: Path) -> dict:
     ck = safe_load(out / "checkpoints" / "last.pt")
     return {"step": ck["step"], "tensors": {f"{part}.{name}.{k}": v for part in ("modules", "ema")
                                             for name, sd in ck[part].items() for k, v in sd.items()},
-            "optim": ck["optimizers"]}
+            "optim": ck["optimizers"], "history": ck["engine"]["history"]}
 
 
 def _compare_final(out: Path) -> dict:

@@ -60,14 +60,21 @@ class DCGANDiscriminator(nn.Module):
         self.features = nn.Sequential(*layers)           # B x c x 4 x 4
         self.final = nn.Conv2d(c, 1, 4, 1, 0)            # the paper's last layer: B x 1 x 1 x 1
         self.embed = nn.Embedding(num_classes, c) if num_classes else None  # projection term
+        self.feature_dim = c
         self.apply(_init)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def logit_and_features(self, x: torch.Tensor, y: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logit B and pooled features B x c (what an auxiliary classifier reads)."""
         h = self.features(x)
+        feat = h.sum(dim=(2, 3))                         # B x c
         out = self.final(h).flatten()                    # B
         if self.embed is not None:
-            out = out + (self.embed(y) * h.sum(dim=(2, 3))).sum(1)
-        return out
+            out = out + (self.embed(y) * feat).sum(1)
+        return out, feat
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logit_and_features(x, y)[0]
 
 
 def build_dcgan(image_size: int, num_classes: int, z_dim: int, ch: int):

@@ -1,0 +1,129 @@
+"""ACGAN for every adversarial family and the class-conditional diffusion family."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from gans.adversarial import GANTask, load_data
+from gans.generate import main as generate_main
+from gans.registry import adversarial_families, create_model, families
+from gans.train_gan import load_config, main as train_main, train_gan
+from histosynth.config import ConfigError
+from histosynth.engine import RunDir, load_checkpoint
+from histosynth.runtime import Runtime
+
+CPU = Runtime.from_choices("cpu", "off", "off")
+
+
+# ----------------------------------------------------------------------------------------------
+# ACGAN (Odena et al. 2017)
+
+
+@pytest.mark.parametrize("family", adversarial_families())
+def test_acgan_discriminator_has_an_auxiliary_classifier_and_no_projection(family):
+    G, D = create_model(family, 32, 3, z_dim=16, ch=8, conditioning="ac")
+    D.eval()                                  # spectral norm's power iteration runs in train mode only
+    x = G(torch.randn(4, 16), torch.tensor([0, 1, 2, 0]))
+    logits, cls = D.classify(x)
+    assert logits.shape == (4,) and cls.shape == (4, 3)
+    assert torch.equal(D(x, torch.tensor([2, 2, 2, 2])), D(x, None))      # the logit ignores labels
+    assert not any("embed" in k for k in D.net.state_dict())               # no projection term
+
+
+@pytest.mark.parametrize("family", adversarial_families())
+def test_acgan_step_trains_the_auxiliary_classifier(family, crc_mini):
+    cfg = tiny_config(crc_mini, family, **{"model.conditioning": "ac", "train.lr_d": 2e-3, "loss.ac_weight": 1.0,
+                                           "train.diffaugment": "''", "train.amp": "off"})
+    torch.manual_seed(0)
+    task = GANTask(cfg, load_data(cfg, progress=False), CPU)
+    real, y = task.real_batch()
+    first = task.d_step(real, y)
+    assert {"loss_ac_d", "ac_acc_real"} <= set(first)
+    for _ in range(40):
+        last = task.d_step(real, y)                      # the same real batch: D must learn its classes
+    assert last["loss_ac_d"] < 0.8 * first["loss_ac_d"], (first["loss_ac_d"], last["loss_ac_d"])
+    out = task.g_step(y)
+    assert torch.isfinite(out["loss_g"]) and out["loss_ac_g"] > 0
+
+
+def test_acgan_run_generates_tiles_of_every_class(crc_mini, tmp_path):
+    cfg = tiny_config(crc_mini, "dcgan", **{"model.conditioning": "ac"})
+    train_gan(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_ac_d" in r and "loss_ac_g" in r for r in rows if "loss_d" in r)
+    assert generate_main(["--run", str(tmp_path / "run"), "--per-class", "2", "--out", str(tmp_path / "s"),
+                          "--no-progress"]) == 0
+    classes = sorted(d.name for d in crc_mini.iterdir() if d.is_dir())
+    assert sorted(r["class"] for r in csv.DictReader(open(tmp_path / "s" / "manifest.csv"))) == sorted(classes * 2)
+
+
+def test_a_family_without_pooled_features_refuses_ac(monkeypatch):
+    import dataclasses
+
+    import torch.nn as nn
+    from gans import registry
+
+    class Plain(nn.Module):                    # a discriminator with no logit_and_features
+        def forward(self, x, y=None):
+            return x.mean((1, 2, 3))
+    plain = dataclasses.replace(families()["dcgan"], name="plain", networks=lambda **k: (nn.Identity(), Plain()))
+    monkeypatch.setitem(registry.families(), "plain", plain)
+    with pytest.raises(ConfigError, match="model.conditioning: 'ac' is not available for plain"):
+        create_model("plain", 32, 3, conditioning="ac")
+
+
+# ----------------------------------------------------------------------------------------------
+# the diffusion family
+
+
+def _diffusion(crc_mini, **extra):
+    sets = [*families()["diffusion"].smoke, f"data.root={crc_mini}", *(f"{k}={v}" for k, v in extra.items())]
+    return load_config("diffusion", sets)[0]
+
+
+def test_diffusion_loss_falls(crc_mini):
+    from gans.families.diffusion import DiffusionTask
+    cfg = _diffusion(crc_mini, **{"train.lr": 2e-3, "model.timesteps": 1000})
+    torch.manual_seed(0)
+    task = DiffusionTask(cfg, load_data(cfg, progress=False), CPU)
+    losses = [task.train_step()["loss"].item() for _ in range(60)]
+    assert np.mean(losses[-15:]) < 0.7 * np.mean(losses[:15]), (np.mean(losses[:15]), np.mean(losses[-15:]))
+
+
+def test_diffusion_sampling_is_a_function_of_seed_and_class(crc_mini, tmp_path):
+    cfg = _diffusion(crc_mini)
+    train_gan(cfg, tmp_path / "run", progress=False)
+    from gans.registry import load_run
+    from histosynth.roles import Generator
+    gen, ck, _ = load_run(tmp_path / "run", Generator)
+    assert isinstance(gen, Generator) and ck["task"] == "diffusion"
+    alone = gen.sample([1], [7])
+    batch = gen.sample([0, 1, 2], [3, 7, 9])                 # the same tile inside another batch
+    assert alone.shape == (1, 3, 32, 32) and alone.dtype == torch.uint8
+    assert (alone[0].int() - batch[1].int()).abs().max() <= 1
+    assert not torch.equal(gen.sample([1], [7], guidance_scale=1.0), gen.sample([1], [7], guidance_scale=4.0))
+    assert not torch.equal(gen.sample([1], [7], scheduler="ddim"), alone)
+    with pytest.raises(ConfigError, match="unknown sampling option.*temperature"):
+        gen.sample([1], [7], temperature=0.5)
+    assert generate_main(["--run", str(tmp_path / "run"), "--per-class", "2", "--out", str(tmp_path / "s"),
+                          "--option", "steps=2", "--option", "scheduler=ddim", "--no-progress"]) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "s" / "manifest.csv")))) == 2 * len(gen.classes)
+    assert generate_main(["--run", str(tmp_path / "run"), "--per-class", "1", "--out", str(tmp_path / "t"),
+                          "--option", "guidance=3"]) == 2
+
+
+def test_diffusion_config_errors_name_the_key(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="model.norm_groups: 5 must divide"):
+        load_config("diffusion", ["model.norm_groups=5"])
+    with pytest.raises(ConfigError, match="sample.guidance_scale: needs an unconditional model"):
+        load_config("diffusion", ["train.label_dropout=0", "sample.guidance_scale=3"])
+    assert train_main(["--cfg", "diffusion", "--out", str(tmp_path / "r"), "--set", "sample.scheduler=euler"]) == 2
+    err = capsys.readouterr().err
+    assert "sample.scheduler" in err and "'dpm_solver++'" in err and not (tmp_path / "r").exists()
+    assert families()["diffusion"].class_conditional(load_config("diffusion", [])[0])
