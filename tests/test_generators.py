@@ -15,7 +15,6 @@ from gans.generate import main as generate_main
 from gans.registry import adversarial_families, create_model, families
 from gans.train_gan import load_config, main as train_main, train_gan
 from histosynth.config import ConfigError
-from histosynth.engine import RunDir, load_checkpoint
 from histosynth.runtime import Runtime
 
 CPU = Runtime.from_choices("cpu", "off", "off")
