@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gans.ada import AdaptiveAugment, LeCam
 from gans.classdata import inputs, load_data, provenance
 from gans.config import GANConfig
 from gans.diffaugment import diff_augment, parse_policy
@@ -98,6 +99,8 @@ class GANTask:
         self.loss = AdversarialLoss(cfg.loss.type, cfg.loss.label_smoothing)
         self.gp_weight = cfg.loss.gp_weight
         self.policy = parse_policy(t.diffaugment)
+        self.ada = AdaptiveAugment(t.ada_target, t.ada_interval, t.ada_kimg, t.batch_size) if t.ada == "on" else None
+        self.lecam = LeCam(cfg.loss.lecam_decay) if cfg.loss.lecam_weight > 0 else None
         self.sampler = BatchSampler(len(data), t.batch_size, t.seed, rt.rank, rt.world)
         self.aug_gen = torch.Generator().manual_seed(t.seed + 1)
         self.labels = torch.from_numpy(np.asarray(data.labels))
@@ -120,7 +123,10 @@ class GANTask:
         return torch.randn(n, self.cfg.model.z_dim, device=self.rt.device)
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        return diff_augment(x, self.policy) if self.policy else x
+        """What D sees of any image, real or fake: DiffAugment's or ADA's transforms, or ``x``."""
+        if self.policy:
+            return diff_augment(x, self.policy)
+        return self.ada(x) if self.ada is not None else x
 
     # -- one step ------------------------------------------------------------------------------
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -155,6 +161,13 @@ class GANTask:
             total = total + self.cfg.loss.ac_weight * ac
             out["loss_ac_d"] = ac.detach()
             out["ac_acc_real"] = (real_cls.argmax(1) == y).float().mean()
+        if self.lecam is not None:
+            reg = self.lecam(real_logits, fake_logits)
+            total = total + self.cfg.loss.lecam_weight * reg
+            out["lecam"] = reg.detach()
+        if self.ada is not None:
+            self.ada.observe(real_logits)
+            out["ada_p"] = torch.tensor(self.ada.p, device=real_logits.device)
         if self.gp_weight > 0:
             gp = gradient_penalty(self.D, self._augment(real), self._augment(fake.float()), y)
             total = total + self.gp_weight * gp
@@ -222,7 +235,9 @@ class GANTask:
         return {"classes": list(self.data.classes), "num_classes": self.num_classes}
 
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict(), "aug_gen": self.aug_gen.get_state(), **self.info()}
+        return {"sampler": self.sampler.state_dict(), "aug_gen": self.aug_gen.get_state(), **self.info(),
+                **({"ada": self.ada.state_dict()} if self.ada is not None else {}),
+                **({"lecam": self.lecam.state_dict()} if self.lecam is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["classes"]) != list(self.data.classes):
@@ -230,6 +245,10 @@ class GANTask:
                                            f"the data now has {self.data.classes}")
         self.sampler.load_state_dict(state["sampler"])
         self.aug_gen.set_state(state["aug_gen"])
+        if self.ada is not None:
+            self.ada.load_state_dict(state["ada"])
+        if self.lecam is not None:
+            self.lecam.load_state_dict(state["lecam"])
 
 
 SMOKE = ("data.root=data/lung_demo/train", "data.image_size=32", "model.ch=8", "model.z_dim=16",

@@ -91,10 +91,17 @@ class LossConfig:
     ac_weight: float = 1.0
     """``model.conditioning: ac``: weight of the auxiliary classification loss (cross-entropy of
     the intended class, on real and fake images for D, on fakes for G; Odena 2017: 1)."""
+    lecam_weight: float = 0.0
+    """LeCam regularisation of D (Tseng et al. 2021) for small data; 0: off (their BigGAN setting
+    on limited CIFAR: 0.3)."""
+    lecam_decay: float = 0.99
+    """Decay of LeCam's moving averages of D's outputs on real and fake images."""
 
     def __post_init__(self):
         require(self.gp_weight >= 0, "gp_weight", f"must be >= 0, got {self.gp_weight}")
         require(self.ac_weight >= 0, "ac_weight", f"must be >= 0, got {self.ac_weight}")
+        require(self.lecam_weight >= 0, "lecam_weight", f"must be >= 0, got {self.lecam_weight}")
+        require(0 < self.lecam_decay < 1, "lecam_decay", f"must be in (0, 1), got {self.lecam_decay}")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing",
                 f"must be in [0, 0.5), got {self.label_smoothing}")
 
@@ -136,6 +143,17 @@ class TrainConfig:
     diffaugment: str = ""
     """DiffAugment policy (Zhao 2020) for D's inputs, real and fake: comma-separated subset of
     color, translation, cutout; '' turns it off. Recommended for small data sets."""
+    ada: Literal["off", "on"] = "off"
+    """Adaptive discriminator augmentation (Karras 2020, gans/ada.py), the alternative to
+    DiffAugment for small data: D's inputs augmented with a probability p steered toward
+    ``ada_target``; p is logged (ada_p) and kept in checkpoints."""
+    ada_target: float = 0.6
+    """The r_t = E[sign(D(real))] that p is steered toward (the paper's 0.6)."""
+    ada_kimg: float = 500.0
+    """Thousands of real images over which p can move from 0 to 1 (paper: 500; a short CPU run of
+    20k images needs ~20)."""
+    ada_interval: int = 4
+    """Discriminator steps between adjustments of p."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: CUDA when present, else CPU."""
     amp: Literal["auto", "bf16", "off"] = "auto"
@@ -178,6 +196,11 @@ class TrainConfig:
         bad = [p for p in self.diffaugment.split(",") if p.strip() and p.strip() not in POLICIES]
         require(not bad, "diffaugment", f"unknown policy {', '.join(bad)}; use a comma-separated "
                                         f"subset of {', '.join(POLICIES)} or ''")
+        require(self.ada == "off" or not self.diffaugment.strip(), "ada",
+                "is on and so is train.diffaugment; choose one of the two augmentations of D")
+        require(0 < self.ada_target < 1, "ada_target", f"must be in (0, 1), got {self.ada_target}")
+        require(self.ada_kimg > 0, "ada_kimg", f"must be > 0, got {self.ada_kimg}")
+        require(self.ada_interval >= 1, "ada_interval", f"must be >= 1, got {self.ada_interval}")
 
     def plan(self, images_per_step: int) -> Plan:
         """What the engine does when (see :class:`histosynth.roles.Plan`); best.pt is the lowest KID."""

@@ -121,6 +121,8 @@ JOBS = {
     "dcgan": lambda: _gan_job("dcgan"), "sngan": lambda: _gan_job("sngan"),
     "wgan_gp": lambda: _gan_job("wgan_gp"), "cyclegan": _cyclegan_job,
     "acgan": lambda: _gan_job("sngan", **{"model.conditioning": "ac"}),
+    "ada_lecam": lambda: _gan_job("sngan", **{"train.ada": "on", "train.ada_kimg": 1, "loss.lecam_weight": 0.3,
+                                              "train.diffaugment": "''"}),
     "diffusion": lambda: _gan_job("diffusion", **{"train.steps": 100, "train.kid_every": 20, "train.kid_samples": 8}),
     "ddp_wgan_gp": lambda: _gan_job("wgan_gp", procs=2),
     "classifier": lambda: _compare_job("[{name: real_only, augment: classic}]", "[0]", 12),

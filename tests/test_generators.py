@@ -126,3 +126,65 @@ def test_diffusion_config_errors_name_the_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sample.scheduler" in err and "'dpm_solver++'" in err and not (tmp_path / "r").exists()
     assert families()["diffusion"].class_conditional(load_config("diffusion", [])[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# ADA and LeCam
+
+
+def test_ada_probability_follows_the_overfitting_heuristic():
+    from gans.ada import AdaptiveAugment
+    ada = AdaptiveAugment(target=0.6, interval=2, kimg=0.064, batch=16)     # one move: 16 * 2 / 64 = 0.5
+    ada.observe(torch.ones(16))
+    assert ada.p == 0.0                                                    # adjusted every 2 steps only
+    ada.observe(torch.tensor([1.0] * 12 + [-1.0] * 4))                     # r_t = (16 + 8) / 32 = 0.75
+    assert ada.r_t == pytest.approx(0.75) and ada.p == pytest.approx(0.5)
+    state = ada.state_dict()
+    ada.observe(torch.ones(16))
+    ada.observe(torch.ones(16))
+    assert ada.p == pytest.approx(1.0)                                     # D overfits: p up, capped at 1
+    again = AdaptiveAugment(target=0.6, interval=2, kimg=0.064, batch=16)
+    again.load_state_dict(state)
+    again.observe(-torch.ones(16))
+    again.observe(-torch.ones(16))
+    assert again.r_t == -1.0 and again.p == pytest.approx(0.0)             # D does not overfit: p down
+
+
+def test_ada_transforms_keep_shape_and_gradients_and_vanish_at_p_zero():
+    from gans.ada import augment
+    x = (torch.rand(8, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    assert augment(x, 0.0) is x
+    torch.manual_seed(0)
+    y = augment(x, 1.0)
+    assert y.shape == x.shape and not torch.allclose(y, x)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 32, 32) * 2 - 1
+    z = augment(x, 0.05)               # ~11 chances of a transform per image: ~60 % untouched at p 0.05
+    untouched = sum(bool((z[i] - x[i]).abs().max() < 1e-4) for i in range(64))
+    assert 15 < untouched < 60, untouched
+
+
+def test_lecam_by_hand():
+    from gans.ada import LeCam
+    reg = LeCam(decay=0.5)
+    real, fake = torch.tensor([2.0, 4.0]), torch.tensor([-1.0, -3.0])
+    # ema = 0.5 * (means 3, -2): real 1.5, fake -1.0
+    out = reg(real, fake)
+    expect = ((real - (-1.0)).clamp(min=0) ** 2).mean() + ((1.5 - fake).clamp(min=0) ** 2).mean()
+    assert out.item() == pytest.approx(expect.item())
+
+
+def test_ada_and_lecam_in_a_run(crc_mini, tmp_path):
+    cfg = tiny_config(crc_mini, "sngan", **{"train.ada": "on", "train.ada_kimg": 0.05, "train.ada_interval": 1,
+                                            "loss.lecam_weight": 0.3, "train.diffaugment": "''", "train.steps": 6})
+    train_gan(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("ada_p" in r and "lecam" in r for r in rows)
+    from histosynth.checkpoint import safe_load
+    ck = safe_load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ck["task_state"]["ada"]["steps"] == 6 * cfg.train.n_dis
+    assert ck["task_state"]["ada"]["p"] == pytest.approx(rows[-1]["ada_p"])          # p is in the checkpoint
+    with pytest.raises(ConfigError, match="train.ada: is on and so is train.diffaugment"):
+        tiny_config(crc_mini, "sngan", **{"train.ada": "on", "train.diffaugment": "color"})

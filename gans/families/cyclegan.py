@@ -126,6 +126,7 @@ class CycleGANConfig:
                                                       f"set 1, got {self.train.n_dis}")
         require(not self.train.diffaugment, "train.diffaugment",
                 "is not used by CycleGAN (its discriminators see pooled fakes); set ''")
+        require(self.train.ada == "off", "train.ada", "is not used by CycleGAN; set off")
 
 
 # ----------------------------------------------------------------------------------------------
