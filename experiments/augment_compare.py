@@ -5,15 +5,20 @@
     augment-compare --out runs/compare --report-only                    # redraw the report
 
 One command runs every stage: the real splits (by group when a groups file exists) and the
-leakage guard; optionally a GAN trained on the training split and the synthetic set generated
-from it (verified against its manifest); then every arm x seed cell (the downstream task's model,
-an EfficientNet classifier for ``task: classification``, trained on the arm's training set,
-early-stopped on the real validation split, evaluated on the real test split), and the report. Re-running the same command continues: finished cells are skipped,
-a cell killed mid-training continues from its last epoch. Output folder::
+leakage guard; optionally named generator stages (GANs, diffusion) trained on the training split
+and the synthetic sets generated from them, and selections from those sets by a classifier
+trained on the training split (all verified against their manifests and provenance); then every
+arm x seed cell (the downstream task's model, an EfficientNet classifier for ``task:
+classification``, trained on the arm's training set, early-stopped on the real validation split,
+evaluated on the real test split), and the report. Re-running the same command continues:
+finished stages and cells are skipped, a cell killed mid-training continues from its last
+checkpoint. Output folder::
 
     OUT/config.yaml        the resolved config (a second run must match it, or --overwrite)
-    OUT/gan/run/           the GAN stage's run directory (train-gan layout)
-    OUT/gan/synthetic/     its synthetic tiles + manifest.csv + source.json
+    OUT/generators/NAME/run/        a generator stage's run directory (train-gan layout)
+    OUT/generators/NAME/synthetic/  its synthetic tiles + manifest.csv + source.json
+    OUT/selected/SET/      a filter's selection from a synthetic set (manifest with scores,
+                           selection.csv, selection.png)
     OUT/cells/ARM/seedS/   the cell's engine run (checkpoints/best.pt, metrics.jsonl) and its test
                            scores (classification: metrics.json, test_predictions.npz)
     OUT/results.csv        one row per finished cell (appended atomically)
@@ -80,7 +85,7 @@ def claim_compare_dir(out: Path, cfg: CompareConfig, overwrite: bool) -> bool:
     """Prepare ``out``; True when continuing an earlier run of the same config."""
     saved = out / "config.yaml"
     now = configlib.to_dict(cfg)
-    started = any((out / p).exists() for p in ("results.csv", "cells", "gan"))
+    started = any((out / p).exists() for p in ("results.csv", "cells", "generators", "selected"))
     if saved.is_file() and not overwrite:
         old = configlib.read_yaml(saved)
         a, b = _flatten(old), _flatten(now)
@@ -157,31 +162,52 @@ def leakage_checks(splits, caches, progress: bool) -> tuple[dict, dict[str, str]
     return info, evals
 
 
-def needed_per_class(cfg: CompareConfig, real_counts: dict[str, int], source: str) -> int:
-    need = 0
+def source_key(arm) -> str:
+    """The synthetic set an arm draws from: its source, or that source selected by its filter."""
+    spec = arm.synthetic
+    return spec.source if spec.filter is None else f"{spec.source}#{spec.filter.tag()}"
+
+
+def needed(cfg: CompareConfig, real_counts: dict[str, int], key: str) -> dict[str, int]:
+    """Tiles per class the arms drawing from set ``key`` need (the most any one of them asks)."""
+    need = {c: 0 for c in real_counts}
     for i, arm in enumerate(cfg.arms):
-        if arm.synthetic.source == source:
-            need = max([need] + list(synthetic_counts(real_counts, arm.synthetic, f"arms[{i}].synthetic").values()))
+        if source_key(arm) == key:
+            for c, n in synthetic_counts(real_counts, arm.synthetic, f"arms[{i}].synthetic").items():
+                need[c] = max(need[c], n)
     return need
 
 
-def gan_stage(cfg: CompareConfig, train_root: Path, out: Path, per_class: int, progress: bool) -> Path:
-    """Train the configured GAN on the training split (or continue it) and generate from it."""
+def candidates_per_class(cfg: CompareConfig, real_counts: dict[str, int], source: str) -> int:
+    """Tiles per class a source must supply: what its unselected arms use, and ``needed / keep``
+    candidates for each filter that selects from it."""
+    most = 0
+    for arm in cfg.arms:
+        if arm.synthetic.source == source:
+            need = max(needed(cfg, real_counts, source_key(arm)).values())
+            most = max(most, arm.synthetic.filter.candidates(need) if arm.synthetic.filter else need)
+    return most
+
+
+def generator_stage(cfg: CompareConfig, name: str, train_root: Path, out: Path, per_class: int,
+                    progress: bool) -> Path:
+    """Train generator stage ``name`` on the training split (or continue it) and generate from it."""
     from gans.generate import generate
     from gans.registry import get_family
     from gans.train_gan import load_config, train_gan
 
-    gcfg, _ = load_config(cfg.gan.config, list(cfg.gan.set) + [f"data.root={train_root.resolve()}"])
+    stage = cfg.generators[name]
+    gcfg, _ = load_config(stage.config, list(stage.set) + [f"data.root={train_root.resolve()}"])
     if not get_family(gcfg.model.family).class_conditional(gcfg):
-        raise configlib.ConfigError("gan.config", f"{cfg.gan.config} does not draw tiles of named classes; "
-                                                  "the GAN stage needs a class-conditional generator "
-                                                  "(dcgan.yaml, sngan.yaml, wgan_gp.yaml)")
-    run, synth = out / "gan" / "run", out / "gan" / "synthetic"
+        raise configlib.ConfigError(f"generators.{name}.config", f"{stage.config} does not draw tiles of named "
+                                    "classes; a generator stage needs a class-conditional family (dcgan.yaml, "
+                                    "sngan.yaml, wgan_gp.yaml, diffusion.yaml)")
+    run, synth = out / "generators" / name / "run", out / "generators" / name / "synthetic"
     ck_path = run / "checkpoints" / "last.pt"
     done = ck_path.is_file() and int(safe_load(ck_path).get("step", -1)) >= gcfg.train.steps
     if not done:
         resume = ck_path.is_file()
-        print(f"augment-compare: GAN stage: {'continuing' if resume else 'training'} {cfg.gan.config} "
+        print(f"augment-compare: generator {name}: {'continuing' if resume else 'training'} {stage.config} "
               f"on {train_root} ({gcfg.train.steps} steps) -> {run}", file=sys.stderr)
         train_gan(gcfg, run, resume=resume, overwrite=not resume, progress=progress)
     manifest, source = synth / "manifest.csv", synth / "source.json"
@@ -194,28 +220,60 @@ def gan_stage(cfg: CompareConfig, train_root: Path, out: Path, per_class: int, p
                 counts[row["class"]] = counts.get(row["class"], 0) + 1
         if info.get("checkpoint_sha256") == sha256_file(ck_path) and counts and min(counts.values()) >= per_class:
             return synth
-    generate(run, synth, per_class, seed=cfg.gan.seed, overwrite=True, progress=progress,
-             device=gcfg.train.device)
+    generate(run, synth, per_class, seed=stage.seed, overwrite=True, progress=progress,
+             device=gcfg.train.device, options=stage.options)
     return synth
 
 
+def selected_set(cfg: CompareConfig, arm, source_root: Path, out: Path, train_root: Path,
+                 need: dict[str, int], progress: bool) -> Path:
+    """``arm``'s filter applied to ``source_root`` (once; kept under OUT/selected/), scored by a
+    classifier trained on the training split only."""
+    import hashlib
+    import json
+    from metrics.selection import select_folder
+
+    spec = arm.synthetic.filter
+    digest = hashlib.sha256(str(source_root.resolve()).encode()).hexdigest()[:8]
+    root = out / "selected" / f"{Path(arm.synthetic.source).name}-{digest}-{spec.tag()}"
+    info = root / "source.json"
+    if info.is_file() and (root / "manifest.csv").is_file():
+        sel = json.loads(info.read_text()).get("selected", {})
+        if sel.get("from") == str(source_root.resolve()) and all(
+                sel["counts"].get(c, {}).get("kept", 0) >= n for c, n in need.items()):
+            return root
+    print(f"augment-compare: selecting from {source_root} ({spec.describe()}) -> {root}", file=sys.stderr)
+    select_folder(source_root, root, train_root, spec, overwrite=True, progress=progress, need=need)
+    return root
+
+
 def load_synthetic(cfg: CompareConfig, out: Path, splits, caches, evals: dict[str, str], progress: bool):
-    sources: dict[str, tuple[TileCache, dict]] = {}
-    wanted = {a.synthetic.source for a in cfg.arms} - {"none"}
-    for src in sorted(wanted):
-        if src == "gan":
-            per_class = cfg.gan.per_class if cfg.gan.per_class != "auto" else needed_per_class(
-                cfg, caches["train"].class_counts(), "gan")
-            root = gan_stage(cfg, splits.roots["train"], out, max(per_class, 1), progress)
+    """Every synthetic set the arms use, by :func:`source_key`: generated (generator stages),
+    given (folders) and selected (filters), each verified by the leakage guard."""
+    real_counts = caches["train"].class_counts()
+    roots: dict[str, Path] = {}
+    for src in sorted({a.synthetic.source for a in cfg.arms} - {"none"}):
+        if src in cfg.generators:
+            stage = cfg.generators[src]
+            per_class = stage.per_class if stage.per_class != "auto" else candidates_per_class(cfg, real_counts, src)
+            roots[src] = generator_stage(cfg, src, splits.roots["train"], out, max(per_class, 1), progress)
         else:
-            root = resolve_data_path(src)
-            if not root.is_dir():
-                raise DataError(f"synthetic source {src} is not a folder (give 'gan', 'none' or a folder "
-                                "written by gan-generate)")
-        cache = load_tiles(cfg, root, progress)
-        prov = verify_synthetic(root, cache.files, evals, [splits.roots["val"], splits.roots["test"]],
-                                cfg.leakage.allow_unverified_synthetic)
-        sources[src] = (cache, {"root": str(root), "classes": cache.class_counts(), **prov})
+            roots[src] = resolve_data_path(src)
+            if not roots[src].is_dir():
+                raise DataError(f"synthetic source {src} is not a folder (give 'none', a generator: "
+                                f"{', '.join(cfg.generators) or 'none declared'}, or a folder written by gan-generate)")
+    for arm in cfg.arms:
+        key = source_key(arm)
+        if arm.synthetic.filter is not None and key not in roots:
+            roots[key] = selected_set(cfg, arm, roots[arm.synthetic.source], out, splits.roots["train"],
+                                      needed(cfg, real_counts, key), progress)
+    sources: dict[str, tuple[TileCache, dict]] = {}
+    for key, root in roots.items():
+        if key in {source_key(a) for a in cfg.arms}:
+            cache = load_tiles(cfg, root, progress)
+            prov = verify_synthetic(root, cache.files, evals, [splits.roots["val"], splits.roots["test"]],
+                                    cfg.leakage.allow_unverified_synthetic)
+            sources[key] = (cache, {"root": str(root), "classes": cache.class_counts(), **prov})
     return sources
 
 
@@ -241,7 +299,7 @@ def run_cell(cfg: CompareConfig, arm, arm_index: int, seed: int, caches, sources
     it, return the results.csv row."""
     train = caches["train"]
     counts = synthetic_counts(train.class_counts(), arm.synthetic, f"arms[{arm_index}].synthetic")
-    synth = sources[arm.synthetic.source][0] if arm.synthetic.source != "none" else None
+    synth = sources[source_key(arm)][0] if arm.synthetic.source != "none" else None
     data = assemble(train, synth, counts, seed)
     if arm.labels == "shuffled":            # the control: labels (and targets) permuted over tiles
         perm = np.random.default_rng(seed + SHUFFLE_SALT).permutation(len(data))
@@ -284,7 +342,7 @@ def compare_inputs(cfg: CompareConfig) -> dict[str, Path | None]:
     return {"data.root": resolve_data_path(cfg.data.root),
             "data.groups": resolve_data_path(cfg.data.groups) if cfg.data.groups else None,
             **{f"arms[{i}].synthetic.source": resolve_data_path(a.synthetic.source)
-               for i, a in enumerate(cfg.arms) if a.synthetic.source not in ("none", "gan")}}
+               for i, a in enumerate(cfg.arms) if a.synthetic.source not in ("none", *cfg.generators)}}
 
 
 def _run_compare(cfg: CompareConfig, out: Path, overwrite: bool, progress: bool, report_only: bool,
@@ -342,7 +400,10 @@ def _run_compare(cfg: CompareConfig, out: Path, overwrite: bool, progress: bool,
     extra["classes"] = train.classes
     extra["minority"] = min(train.class_counts().items(), key=lambda kv: kv[1])[0]
     summary = summarise(rows, cfg.arms, task.spec, task.chance(train.classes), cfg.report, extra)
-    write_report(summary, rows, out, task.plots)
+    selections = {f"Selection of {k.split('#')[0]} ({v[1]['selected']['filter']}): best kept and worst "
+                  "rejected tiles, score histograms": str(Path(v[1]["root"]).relative_to(out) / "selection.png")
+                  for k, v in sources.items() if "selected" in v[1] and Path(v[1]["root"]).is_relative_to(out)}
+    write_report(summary, rows, out, task.plots, selections)
     return summary
 
 

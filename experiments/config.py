@@ -1,7 +1,8 @@
 """Typed configuration of an ``augment-compare`` run.
 
-Sections: ``data`` (where the real train/val/test splits come from), ``gan`` (optional: train a
-generator on the training split and generate the synthetic set first), ``task`` (the downstream
+Sections: ``data`` (where the real train/val/test splits come from), ``generators`` (optional:
+named generator stages, each a train-gan config trained on the training split, whose synthetic
+sets arms use by name), ``task`` (the downstream
 task every arm trains: ``classification``) and ``downstream`` (its model and training, shared by
 every arm; typed by the task: :class:`classifier.config.ClassifierConfig` for classification),
 ``arms`` (what differs between arms), ``seeds``, ``report`` and ``leakage``. Unknown keys, wrong
@@ -18,7 +19,9 @@ from typing import Any, Literal, Optional, Union
 
 from histosynth import config as configlib
 from histosynth.config import require, require_choice
+from histosynth.paths import resolve_data_path
 from histosynth.registry import get_downstream
+from metrics.selection import FilterConfig
 
 
 @dataclass
@@ -49,16 +52,20 @@ class CompareDataConfig:
 
 
 @dataclass
-class GanStageConfig:
-    config: Optional[str] = None
-    """A train-gan config (bare names resolve in configs/) trained on the training split before
-    the arms run; null: no GAN stage. Its data.root is always set to the training split."""
+class GeneratorStageConfig:
+    config: str = "dcgan.yaml"
+    """A train-gan config of a class-conditional family (bare names resolve in configs/: dcgan,
+    sngan, wgan_gp, diffusion ...) trained on the training split before the arms run. Its
+    data.root is always set to the training split."""
     set: list[str] = field(default_factory=list)
     """Overrides for that config, as train-gan's --set (e.g. ["train.steps=600"])."""
     per_class: Union[Literal["auto"], int] = "auto"
     """Synthetic tiles generated per class; ``auto``: as many as the arms need."""
     seed: int = 0
     """First noise seed of generation (tile k uses seed + k)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Sampling options of the family (diffusion: steps, scheduler, guidance_scale), as
+    gan-generate's --option."""
 
     def __post_init__(self):
         require(self.per_class == "auto" or self.per_class >= 1, "per_class",
@@ -68,8 +75,9 @@ class GanStageConfig:
 @dataclass
 class SyntheticConfig:
     source: str = "none"
-    """``none``; ``gan`` (the GAN stage's output); or a folder of synthetic tiles (ImageFolder
-    tree with gan-generate's manifest.csv and source.json, verified before use)."""
+    """``none``; the name of a generator stage (``generators:``, e.g. ``gan``); or a folder of
+    synthetic tiles (ImageFolder tree with gan-generate's manifest.csv and source.json, verified
+    before use)."""
     ratio: Union[float, dict[str, float], None] = None
     """Synthetic tiles per real training tile: one number (1.0 doubles a class) for the classes
     named by ``classes``, or per class by name ({lung_scc: 1.0}: +100 % of lung_scc only)."""
@@ -79,11 +87,15 @@ class SyntheticConfig:
     target: Union[Literal["balanced"], dict[str, int], None] = None
     """Top classes up with synthetic tiles to a count: ``balanced`` (every class to the largest
     real class) or per class ({lung_scc: 400}). Give ratio or target, not both."""
+    filter: Optional[FilterConfig] = None
+    """Selective augmentation (metrics/selection.py): the same number of tiles, chosen from
+    ``candidates`` = needed / keep by a classifier trained on the real training split only, e.g.
+    ``{by: confidence, keep: 0.5}`` (by: confidence | centroid | both); null: unselected."""
 
     def __post_init__(self):
         if self.source == "none":
-            require(self.ratio is None and self.target is None, "source",
-                    "is 'none' but ratio/target is set; name a source (gan or a folder)")
+            require(self.ratio is None and self.target is None and self.filter is None, "source",
+                    "is 'none' but ratio/target/filter is set; name a source (a generator or a folder)")
             return
         require((self.ratio is None) != (self.target is None), "ratio",
                 "give exactly one of ratio (synthetic per real tile) or target (count per class)")
@@ -149,7 +161,9 @@ class LeakageConfig:
 @dataclass
 class CompareConfig:
     data: CompareDataConfig = field(default_factory=CompareDataConfig)
-    gan: GanStageConfig = field(default_factory=GanStageConfig)
+    generators: dict[str, Any] = field(default_factory=dict)
+    """Named generator stages, e.g. ``{gan: {config: dcgan.yaml}, diffusion: {config:
+    diffusion.yaml}}``; arms use them by name (``synthetic.source: gan``)."""
     task: str = "classification"
     """The downstream task every arm trains (a package with a downstream.py: ``classification``)."""
     downstream: Any = field(default_factory=dict)
@@ -161,6 +175,18 @@ class CompareConfig:
     leakage: LeakageConfig = field(default_factory=LeakageConfig)
 
     def __post_init__(self):
+        stages = {}
+        for name, stage in self.generators.items():
+            require(bool(re.fullmatch(r"[a-z][a-z0-9_]{0,29}", str(name))), f"generators.{name}",
+                    "a generator's name is 1-30 lower-case letters, digits or _, starting with a letter")
+            if dataclasses.is_dataclass(stage):
+                stages[name] = stage
+                continue
+            try:
+                stages[name] = configlib.build(GeneratorStageConfig, stage if isinstance(stage, dict) else {"config": stage})
+            except configlib.ConfigError as e:
+                raise e.located(f"generators.{name}", None) from None
+        self.generators = stages
         task = get_downstream(self.task)
         if not dataclasses.is_dataclass(self.downstream):
             if not isinstance(self.downstream, dict):
@@ -185,7 +211,8 @@ class CompareConfig:
         require(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds",
                 f"give one or more distinct seeds, got {self.seeds}")
         for i, a in enumerate(self.arms):
-            if a.synthetic.source == "gan":
-                require(self.gan.config is not None, f"arms[{i}].synthetic.source",
-                        "is 'gan' but there is no GAN stage; set gan.config (e.g. dcgan.yaml) "
-                        "or point source to a folder of synthetic tiles")
+            src = a.synthetic.source
+            require(src in ("none", *self.generators) or "/" in src or "." in src or resolve_data_path(src).is_dir(),
+                    f"arms[{i}].synthetic.source",
+                    f"{src!r} is no generator of this config ({', '.join(self.generators) or 'none declared'}) "
+                    f"and no folder path; declare generators.{src}.config (e.g. dcgan.yaml) or give a folder")

@@ -8,7 +8,9 @@ Refuses to run (``LeakageError``, naming the files) when
   not in the manifest, or equals a validation/test image;
 * the generator behind a synthetic set was trained on a validation/test image (its
   ``source.json``, written by gan-generate from the run's data.json, lists the sha256 of every
-  training file), or on a folder that contains the validation/test folders.
+  training file), or on a folder that contains the validation/test folders;
+* a selected set (metrics/selection.py) was scored by a classifier that saw a validation/test
+  image (its source.json lists the sha256 of the classifier's training files).
 """
 
 from __future__ import annotations
@@ -118,7 +120,18 @@ def verify_synthetic(root: Path, files: list[str], eval_hashes: dict[str, str], 
     if leaked:
         raise LeakageError(f"the generator of {root} was trained on {len(leaked)} validation/test "
                            f"image(s): {_examples(leaked)}; train it on the training split only")
-    return {"verified": True, "tiles_checked": len(files), "generator_train_files": len(trained), **_brief(info)}
+    out = {"verified": True, "tiles_checked": len(files), "generator_train_files": len(trained), **_brief(info)}
+    if "selected" in info:          # a selection: its classifier must not have seen validation/test either
+        sel = info["selected"]
+        seen = sel.get("selector_train_files_sha256")
+        if seen is None:
+            raise LeakageError(f"{source} records a selection but not the files its classifier was trained on")
+        leaked = [f"{eval_hashes[h]}" for h in seen if h in eval_hashes]
+        if leaked:
+            raise LeakageError(f"the tiles of {root} were selected by a classifier trained on {len(leaked)} "
+                               f"validation/test image(s): {_examples(leaked)}; select with the training split only")
+        out["selected"] = {k: sel[k] for k in ("filter", "counts", "selector") if k in sel}
+    return out
 
 
 def _brief(info: dict) -> dict:

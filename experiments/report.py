@@ -229,14 +229,17 @@ def render_markdown(s: dict, figs: dict[str, str]) -> str:
     return "\n".join(L) + "\n"
 
 
-def write_report(s: dict, rows: list[dict], out: Path, task_plots=None) -> dict[str, str]:
+def write_report(s: dict, rows: list[dict], out: Path, task_plots=None,
+                 extra_figs: dict[str, str] | None = None) -> dict[str, str]:
     """summary.json, report.md, report.html and the figures (the generic bars, then ``task_plots``:
-    the downstream task's own figures, ``(summary, rows, out) -> {title: file}``)."""
+    the downstream task's own figures, ``(summary, rows, out) -> {title: file}``, then
+    ``extra_figs``: figures already drawn under ``out``, e.g. the selections of synthetic tiles)."""
     figs = {}
     if rows:
         figs.update(plot_metrics(s, rows, out))
         if task_plots is not None:
             figs.update(task_plots(s, rows, out))
+    figs.update({t: f for t, f in (extra_figs or {}).items() if (out / f).is_file()})
     md = render_markdown(s, figs)
     atomic_write_text(out / "summary.json", json.dumps(s, indent=1, default=float))
     atomic_write_text(out / "report.md", md)

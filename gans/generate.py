@@ -1,6 +1,7 @@
 """gan-generate: write N synthetic tiles per class from a trained run as an ImageFolder tree.
 
     gan-generate --run runs/sngan --per-class 50 --out synth/
+    gan-generate --run runs/sngan --per-class 50 --out synth/ --filter confidence --keep 0.5 --train data/train
 
 Writes ``OUT/<class>/<class>_00000.png ...`` and ``OUT/manifest.csv`` with one row per tile: file,
 class, seed (the tile's own noise seed: the same seed gives the same tile), checkpoint sha256,
@@ -68,6 +69,21 @@ def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
     return manifest
 
 
+def generate_selected(args: argparse.Namespace, options: dict) -> dict:
+    """``--filter``: OUT/candidates (every generated tile), OUT/selected (the kept ones)."""
+    from metrics.selection import FilterConfig, select_folder
+
+    if not args.train:
+        raise configlib.ConfigError("--train", "--filter needs --train: the real training split the scoring "
+                                               "classifier learns from (never validation or test)")
+    spec = configlib.build(FilterConfig, {"by": args.filter, "keep": None if args.min_confidence is not None else args.keep,
+                                          "min_confidence": args.min_confidence})
+    out = claim_output_dir(args.out, args.overwrite, inputs={**run_inputs(args.run), "--train": args.train})
+    generate(args.run, out / "candidates", spec.candidates(args.per_class), args.seed, args.weights, args.batch_size,
+             False, args.device, not args.no_progress, args.checkpoint, options)
+    return select_folder(out / "candidates", out / "selected", args.train, spec, progress=not args.no_progress)
+
+
 def parse_options(items: list[str]) -> dict:
     """``KEY=VALUE`` strings (values read as YAML: 20, 2.5, ddim) as a mapping."""
     out = {}
@@ -109,15 +125,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="a sampling option of the family (diffusion: scheduler=ddim, steps=50, "
                         "guidance_scale=3); repeatable")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--filter", choices=["confidence", "centroid", "both"],
+                   help="selective augmentation: generate per-class / --keep candidates into OUT/candidates, "
+                        "keep the best by a classifier trained on --train into OUT/selected (metrics/selection.py)")
+    p.add_argument("--keep", type=float, default=0.5, help="with --filter: share of candidates kept (default 0.5)")
+    p.add_argument("--min-confidence", type=float, default=None,
+                   help="with --filter confidence: keep every tile at least this confident instead of a share")
+    p.add_argument("--train", help="with --filter: the real training split the classifier learns from "
+                                   "(never validation or test)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
     def _run() -> int:
-        manifest = generate(args.run, args.out, args.per_class, args.seed, args.weights,
-                            args.batch_size, args.overwrite, args.device, not args.no_progress,
-                            args.checkpoint, parse_options(args.option))
-        print(f"gan-generate: wrote {args.per_class} tiles per class to {args.out}; manifest {manifest}")
+        options = parse_options(args.option)
+        if args.filter is None:
+            manifest = generate(args.run, args.out, args.per_class, args.seed, args.weights, args.batch_size,
+                                args.overwrite, args.device, not args.no_progress, args.checkpoint, options)
+            print(f"gan-generate: wrote {args.per_class} tiles per class to {args.out}; manifest {manifest}")
+            return 0
+        summary = generate_selected(args, options)
+        kept = ", ".join(f"{c} {n['kept']}/{n['candidates']}" for c, n in summary["counts"].items())
+        print(f"gan-generate: kept {kept} ({summary['filter']}) in {summary['folder']}; candidates in "
+              f"{Path(args.out) / 'candidates'}")
         return 0
 
     return run_cli("gan-generate", _run, log_dir=args.out)

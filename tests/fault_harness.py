@@ -106,7 +106,7 @@ def _cyclegan_job():
 
 
 def _compare_job(arms: str, seeds: str, epochs: int):
-    sets = [f"data.root={TILES}", "data.split=stratified", "gan.config=null", f"arms={arms}", f"seeds={seeds}",
+    sets = [f"data.root={TILES}", "data.split=stratified", "generators={}", f"arms={arms}", f"seeds={seeds}",
             "downstream.model.image_size=32", "downstream.model.bn_momentum=0.5", "downstream.train.batch_size=8",
             f"downstream.train.epochs={epochs}", "downstream.train.patience=0", "downstream.train.min_epochs=0",
             "downstream.train.device=cpu"]

@@ -89,9 +89,10 @@ def test_assemble_gives_the_requested_per_class_counts(crc_mini):
     (["arms=[{name: a, synthetic: {source: gan, ratoi: 1}}]", "report.baseline=a"],
      r"arms\[0\].synthetic.ratoi: unknown key; did you mean arms\[0\].synthetic.ratio"),
     (["arms=[{name: a, synthetic: {source: gan, ratio: 1, target: balanced}}]", "report.baseline=a",
-      "gan.config=dcgan"], "exactly one of ratio"),
+      "generators.gan.config=dcgan"], "exactly one of ratio"),
     (["arms=[{name: a}]"], r"report.baseline: 'real_only' is not an arm; arms: a"),
-    (["arms=[{name: a, synthetic: {source: gan, ratio: 1}}]", "report.baseline=a"], "set gan.config"),
+    (["arms=[{name: a, synthetic: {source: gan, ratio: 1}}]", "report.baseline=a", "generators={}"],
+     r"arms\[0\].synthetic.source: 'gan' is no generator of this config"),
     (["arms=[{name: a, sampler: balance}]", "report.baseline=a"], "did you mean 'balanced'"),
     (["seeds=[1, 1]"], "distinct seeds"),
 ])
@@ -193,13 +194,14 @@ def test_synthetic_sets_are_verified_before_use(trained_run, crc_mini, tmp_path)
 def test_tiny_compare_with_gan_stage_writes_every_report_file(crc_mini, tmp_path):
     arms = ("[{name: real_only, augment: none}, {name: classic, augment: classic}, "
             "{name: gan_x1, synthetic: {source: gan, ratio: 1.0}}, {name: shuffled, labels: shuffled}]")
-    cfg = _cfg(f"data.root={crc_mini}", "data.split=stratified", "gan.config=dcgan", f"gan.set={TINY_GAN}",
+    cfg = _cfg(f"data.root={crc_mini}", "data.split=stratified", "generators.gan.config=dcgan", f"generators.gan.set={TINY_GAN}",
                f"arms={arms}", "seeds=[0, 1]", *FAST)
     out = tmp_path / "cmp"
     summary = run_compare(cfg, out, progress=False)
     for name in ("results.csv", "summary.json", "report.md", "report.html", "metrics_by_arm.png",
                  "per_class_sensitivity.png", "confusion_matrices.png", "roc_curves.png", "config.yaml",
-                 "gan/synthetic/manifest.csv", "gan/synthetic/source.json", "gan/run/checkpoints/last.pt"):
+                 "generators/gan/synthetic/manifest.csv", "generators/gan/synthetic/source.json",
+                 "generators/gan/run/checkpoints/last.pt"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert sorted((r["arm"], r["seed"]) for r in rows) == sorted(
@@ -218,7 +220,7 @@ def test_tiny_compare_with_gan_stage_writes_every_report_file(crc_mini, tmp_path
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4
     # the synthetic tiles came from a generator trained on the training split only
-    src = json.loads((out / "gan/synthetic/source.json").read_text())
+    src = json.loads((out / "generators/gan/synthetic/source.json").read_text())
     assert Path(src["train_root"]) == (out / "splits" / "train").resolve()
 
 
@@ -281,7 +283,7 @@ def test_label_shuffled_control_stays_near_chance_on_real_data(tmp_path):
 def test_the_demo_config_runs_on_an_unseen_dataset_through_set_only(crc_mini, tmp_path):
     """compare_demo.yaml names no class: another ImageFolder train/val/test tree needs no edits."""
     data = _split_tree(crc_mini, tmp_path / "data", classes=3)
-    sets = [f"data.root={data}", f"gan.set={TINY_GAN}", "seeds=[0]", *FAST]
+    sets = [f"data.root={data}", f"generators.gan.set={TINY_GAN}", "seeds=[0]", *FAST]
     assert compare_main(["--cfg", "compare_demo", "--out", str(tmp_path / "out"), "--no-progress",
                          *sum((["--set", s] for s in sets), [])]) == 0
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -337,9 +339,32 @@ def test_generate_filter_then_compare_chain_passes_the_leakage_guard(crc_mini, t
     info = json.loads((filt / "source.json").read_text())
     assert info["filtered"]["removed"] >= 1 and info["train_files_sha256"]
     arms = f"[{{name: real_only}}, {{name: filtered, synthetic: {{source: '{filt}', ratio: 1.0}}}}]"
-    s = run_compare(_cfg(f"data.root={data}", "gan.config=null", f"arms={arms}", "seeds=[0]", *FAST),
+    s = run_compare(_cfg(f"data.root={data}", "generators={}", f"arms={arms}", "seeds=[0]", *FAST),
                     tmp_path / "cmp", progress=False)
     src = s["data"][f"synthetic source {filt}"]
     assert src["verified"] and src["generator_train_files"] == len(image_files(data / "train"))
     rows = list(csv.DictReader(open(tmp_path / "cmp" / "results.csv")))
     assert {r["arm"]: int(r["n_train_synthetic"]) for r in rows} == {"real_only": 0, "filtered": 6}
+
+
+def test_a_filtered_arm_gets_the_same_budget_from_a_selected_set(crc_mini, tmp_path):
+    """An arm with a filter draws as many synthetic tiles as its unfiltered twin, chosen from
+    needed / keep candidates by a classifier trained on the training split; the selection is
+    verified by the leakage guard and shown in the report."""
+    arms = ("[{name: real_only}, {name: gan_x1, synthetic: {source: gan, ratio: 1.0}}, "
+            "{name: gan_x1_sel, synthetic: {source: gan, ratio: 1.0, filter: {by: confidence, keep: 0.5}}}]")
+    cfg = _cfg(f"data.root={crc_mini}", "data.split=stratified", "generators.gan.config=dcgan",
+               f"generators.gan.set={TINY_GAN}", f"arms={arms}", "seeds=[0]", *FAST)
+    out = tmp_path / "cmp"
+    s = run_compare(cfg, out, progress=False)
+    rows = {r["arm"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert rows["gan_x1_sel"]["n_train_synthetic"] == rows["gan_x1"]["n_train_synthetic"] != "0"
+    pool = list(csv.DictReader(open(out / "generators/gan/synthetic/manifest.csv")))
+    selected = [p for p in (out / "selected").iterdir()]
+    assert len(selected) == 1
+    kept = list(csv.DictReader(open(selected[0] / "manifest.csv")))
+    assert len(pool) == 2 * len(kept) and all(float(r["confidence"]) >= 0 for r in kept)
+    key = next(k for k in s["data"] if k.startswith("synthetic source gan#"))
+    assert s["data"][key]["verified"] and s["data"][key]["selected"]["filter"].startswith("confidence")
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5 and "Selection of gan" in html

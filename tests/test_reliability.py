@@ -320,7 +320,7 @@ def test_interrupt_and_sigterm_say_how_to_continue(data, tmp_path, monkeypatch, 
         raise KeyboardInterrupt
     monkeypatch.setattr(ClassifierTask, "train_step", interrupted)
     rc, err = _run(compare_main, ["--cfg", "compare_demo", "--out", tmp_path / "c", "--no-progress",
-                                  *_sets([f"data.root={data}", "data.split=stratified", "gan.config=null",
+                                  *_sets([f"data.root={data}", "data.split=stratified", "generators={}",
                                           "arms=[{name: real_only}]", "seeds=[0]", "downstream.train.device=cpu"])],
                    capsys)
     assert rc == 130 and "re-run the same command to continue" in err and "--resume" not in err
@@ -351,7 +351,7 @@ def test_silent_surprises_are_said(corpus, data, tmp_path, capsys):
     assert "tiny.png: too small (3 x 3 px)" in err
     one = _copy(data / sorted(os.listdir(data))[0], tmp_path / "one" / "only")
     rc, err = _run(compare_main, ["--cfg", "compare_demo", "--out", tmp_path / "c", "--no-progress",
-                                  *_sets([f"data.root={one.parent}", "data.split=stratified", "gan.config=null",
+                                  *_sets([f"data.root={one.parent}", "data.split=stratified", "generators={}",
                                           "arms=[{name: real_only}]"])],
                    capsys)
     _one_line(rc, err, "augment-compare", "needs at least two")
