@@ -178,18 +178,18 @@ def needed(cfg: CompareConfig, real_counts: dict[str, int], key: str) -> dict[st
     return need
 
 
-def candidates_per_class(cfg: CompareConfig, real_counts: dict[str, int], source: str) -> int:
+def candidates_per_class(cfg: CompareConfig, real_counts: dict[str, int], source: str) -> dict[str, int]:
     """Tiles per class a source must supply: what its unselected arms use, and ``needed / keep``
-    candidates for each filter that selects from it."""
-    most = 0
+    candidates for each filter that selects from it (classes no arm tops up get none)."""
+    most = {c: 0 for c in real_counts}
     for arm in cfg.arms:
         if arm.synthetic.source == source:
-            need = max(needed(cfg, real_counts, source_key(arm)).values())
-            most = max(most, arm.synthetic.filter.candidates(need) if arm.synthetic.filter else need)
-    return most
+            for c, n in needed(cfg, real_counts, source_key(arm)).items():
+                most[c] = max(most[c], arm.synthetic.filter.candidates(n) if arm.synthetic.filter else n)
+    return {c: n for c, n in most.items() if n}
 
 
-def generator_stage(cfg: CompareConfig, name: str, train_root: Path, out: Path, per_class: int,
+def generator_stage(cfg: CompareConfig, name: str, train_root: Path, out: Path, per_class: dict[str, int],
                     progress: bool) -> Path:
     """Train generator stage ``name`` on the training split (or continue it) and generate from it."""
     from gans.generate import generate
@@ -218,7 +218,8 @@ def generator_stage(cfg: CompareConfig, name: str, train_root: Path, out: Path, 
             counts: dict[str, int] = {}
             for row in csv.DictReader(f):
                 counts[row["class"]] = counts.get(row["class"], 0) + 1
-        if info.get("checkpoint_sha256") == sha256_file(ck_path) and counts and min(counts.values()) >= per_class:
+        if info.get("checkpoint_sha256") == sha256_file(ck_path) and all(counts.get(c, 0) >= n
+                                                                         for c, n in per_class.items()):
             return synth
     generate(run, synth, per_class, seed=stage.seed, overwrite=True, progress=progress,
              device=gcfg.train.device, options=stage.options)
@@ -255,8 +256,9 @@ def load_synthetic(cfg: CompareConfig, out: Path, splits, caches, evals: dict[st
     for src in sorted({a.synthetic.source for a in cfg.arms} - {"none"}):
         if src in cfg.generators:
             stage = cfg.generators[src]
-            per_class = stage.per_class if stage.per_class != "auto" else candidates_per_class(cfg, real_counts, src)
-            roots[src] = generator_stage(cfg, src, splits.roots["train"], out, max(per_class, 1), progress)
+            per_class = ({c: stage.per_class for c in real_counts} if stage.per_class != "auto" else
+                         candidates_per_class(cfg, real_counts, src) or {c: 1 for c in real_counts})
+            roots[src] = generator_stage(cfg, src, splits.roots["train"], out, per_class, progress)
         else:
             roots[src] = resolve_data_path(src)
             if not roots[src].is_dir():

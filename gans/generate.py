@@ -33,13 +33,16 @@ from histosynth.runtime import resolve_device
 MANIFEST_FIELDS = ["file", "class", "seed", "checkpoint_sha256", "step", "family", "sha256"]
 
 
-def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
+def generate(run: str | Path, out: str | Path, per_class: int | dict[str, int], seed: int = 0,
              weights: str = "ema", batch_size: int = 64, overwrite: bool = False,
              device: str = "auto", progress: bool = True, checkpoint: str | int = "last",
              options: dict | None = None) -> Path:
-    """Write ``per_class`` tiles of every class into ``out``; returns the manifest path.
+    """Write ``per_class`` tiles of every class (or as many per class as a mapping says; classes
+    it leaves out get none) into ``out``; returns the manifest path. Tile ``k`` (in class order)
+    uses noise seed ``seed + k``.
     ``options`` go to the generator's ``sample`` (a diffusion model's steps, guidance_scale ...)."""
-    if per_class < 1:
+    counts = per_class if isinstance(per_class, dict) else None
+    if counts is None and per_class < 1:
         raise configlib.ConfigError("--per-class", f"must be >= 1, got {per_class}")
     if batch_size < 1:
         raise configlib.ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
@@ -47,7 +50,11 @@ def generate(run: str | Path, out: str | Path, per_class: int, seed: int = 0,
     classes = [safe_name(c, "class name (from the checkpoint)") for c in gen.classes]
     out = claim_output_dir(out, overwrite, inputs=run_inputs(run))
     ck_sha = sha256_file(ck_path)
-    jobs = [(ci, c, j, seed + ci * per_class + j) for ci, c in enumerate(classes) for j in range(per_class)]
+    wanted = [(ci, c, counts.get(c, 0) if counts is not None else per_class) for ci, c in enumerate(classes)]
+    jobs = [(ci, c, j) for ci, c, n in wanted for j in range(n)]
+    jobs = [(ci, c, j, seed + k) for k, (ci, c, j) in enumerate(jobs)]
+    if not jobs:
+        raise configlib.ConfigError("--per-class", f"asks for no tile of the generator's classes ({', '.join(classes)})")
     rows = []
     bar = tqdm(total=len(jobs), desc="generating", unit="tile", disable=not progress)
     for start in range(0, len(jobs), batch_size):
