@@ -46,3 +46,13 @@ def test_generate_errors_are_one_line(tmp_path, trained_run, capsys):
     (tmp_path / "full" / "keep.txt").write_text("precious")
     assert generate_main(["--run", str(trained_run), "--per-class", "2", "--out", str(tmp_path / "full")]) == 2
     assert (tmp_path / "full" / "keep.txt").read_text() == "precious"
+
+
+def test_per_class_counts_write_only_the_classes_asked_for(trained_run, tmp_path, crc_mini):
+    from gans.generate import generate
+    classes = sorted(d.name for d in crc_mini.iterdir() if d.is_dir())
+    generate(trained_run, tmp_path / "s", {classes[1]: 3, classes[4]: 1}, seed=10, progress=False, device="cpu")
+    rows = list(csv.DictReader(open(tmp_path / "s" / "manifest.csv")))
+    assert [(r["class"], int(r["seed"])) for r in rows] == [(classes[1], 10), (classes[1], 11), (classes[1], 12),
+                                                            (classes[4], 13)]
+    assert sorted(d.name for d in (tmp_path / "s").iterdir() if d.is_dir()) == [classes[1], classes[4]]
