@@ -14,12 +14,11 @@ The geometric names mean what they mean everywhere in histosynth (the GANs' ``da
 
 from __future__ import annotations
 
-import random
 from typing import Literal
 
 import albumentations as A
-import cv2
-import numpy as np
+
+from histosynth.augment import REFLECT, colour_jitter, flips, seeded, stain_jitter, symmetries
 
 AugmentPolicy = Literal["none", "flip", "flip_rot90", "stain", "classic"]
 POLICIES = ("none", "flip", "flip_rot90", "stain", "classic")
@@ -27,30 +26,19 @@ POLICIES = ("none", "flip", "flip_rot90", "stain", "classic")
 
 def build_augment(policy: str, seed: int) -> A.Compose:
     """An albumentations pipeline for uint8 ``H x W x 3`` tiles, seeded (reproducible per run)."""
-    flip = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
-    flip_rot90 = [A.SquareSymmetry(p=1.0)]        # uniform over the 8 symmetries
-    stain = [A.HEStain(method="macenko", intensity_scale_range=(0.9, 1.1),
-                       intensity_shift_range=(-0.05, 0.05), p=0.5)]
     if policy == "none":
         ops = []
     elif policy == "flip":
-        ops = flip
+        ops = flips()
     elif policy == "flip_rot90":
-        ops = flip_rot90
+        ops = symmetries()
     elif policy == "stain":
-        ops = flip_rot90 + stain
+        ops = symmetries() + stain_jitter()
     elif policy == "classic":
-        ops = flip_rot90 + [
-            A.Affine(scale=(0.9, 1.1), rotate=(-15, 15), translate_percent=(-0.05, 0.05),
-                     border_mode=cv2.BORDER_REFLECT_101, p=0.5),
-            A.ElasticTransform(alpha=20, sigma=5, border_mode=cv2.BORDER_REFLECT_101, p=0.25),
-            A.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.04, p=0.5),
-        ] + stain
+        ops = symmetries() + [
+            A.Affine(scale=(0.9, 1.1), rotate=(-15, 15), translate_percent=(-0.05, 0.05), border_mode=REFLECT, p=0.5),
+            A.ElasticTransform(alpha=20, sigma=5, border_mode=REFLECT, p=0.25),
+        ] + colour_jitter() + stain_jitter()
     else:
         raise ValueError(f"unknown augmentation policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    tf = A.Compose(ops)
-    # one generator for the whole pipeline: Compose(seed=...) gives every transform its own
-    # generator with the SAME seed, so e.g. HorizontalFlip and VerticalFlip always agree (2 of the
-    # 4 flips) and the colour and stain jitters draw the same numbers
-    tf.set_random_state(np.random.default_rng(seed), random.Random(seed))
-    return tf
+    return seeded(ops, seed)

@@ -1,23 +1,29 @@
-"""A dataset over decoded uint8 tiles (a :class:`histosynth.data.TileCache` or assembled arrays)."""
+"""Classification data: the class-folder layout, and a dataset over decoded uint8 tiles (a
+:class:`histosynth.data.TileCache` or assembled arrays)."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from classifier.model import IMAGENET_MEAN, IMAGENET_STD
+from histosynth.data import normalise
+from histosynth.images import scan_image_folder
+from histosynth.roles import Sample
 
-_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
-_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
 
+class ClassFolders:
+    """The :class:`~histosynth.roles.Layout` of classification data: ImageFolder, a sample is one
+    image in its class folder."""
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(B x) 3 x H x W`` -> float, ImageNet mean/std (what efficientnet-pytorch expects)."""
-    mean, std = _MEAN.to(x.device), _STD.to(x.device)
-    return (x.float() - mean) / std
+    description = "class folders (one sub-folder of images per class)"
+
+    def samples(self, root: Path) -> list[Sample]:
+        classes, items = scan_image_folder(root)
+        return [Sample((p.relative_to(root).as_posix(),), classes[label]) for p, label in items]
 
 
 class TileDataset(Dataset):

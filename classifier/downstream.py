@@ -22,13 +22,17 @@ import numpy as np
 
 from classifier.augment import POLICIES, build_augment
 from classifier.config import ClassifierConfig
-from classifier.data import TileDataset
+from classifier.data import ClassFolders, TileDataset
 from classifier.metrics import classification_metrics
 from classifier.task import ClassifierTask, predict
 from classifier.train import model_from_checkpoint
 from histosynth.checkpoint import atomic_write, atomic_write_text
-from histosynth.roles import Metric, MetricSpec, TileSet
+from histosynth.data import TileCache
+from histosynth.images import DataError
+from histosynth.roles import Generator, Metric, MetricSpec, TileSet
 from histosynth.runtime import Runtime
+from histosynth.stain import StainNormaliser
+from metrics.selection import BY, FilterConfig, select_folder
 
 SPEC = MetricSpec(
     metrics=(Metric("balanced_accuracy", "balanced accuracy"), Metric("macro_f1", "macro-F1"),
@@ -48,33 +52,50 @@ class Classification:
     name = "classification"
     config = ClassifierConfig
     spec = SPEC
+    layout = ClassFolders()
     augment_policies = POLICIES
+    filters = BY
+    test_unit = "tiles"
+    synthesis = Generator
+    class_balance = True
     smoke = ("model.image_size=32", "model.bn_momentum=0.5", "train.batch_size=8", "train.epochs=2",
              "train.patience=0", "train.min_epochs=0", "train.device=cpu")
 
     def chance(self, classes: Sequence[str]) -> dict[str, float]:
         return {"balanced_accuracy": 1.0 / len(classes), "auc": 0.5}
 
-    def image_size(self, cfg: ClassifierConfig) -> int:
-        return cfg.model.image_size
+    def load(self, cfg: ClassifierConfig, root: Path, role: str, cache_dir: Path | None, progress: bool,
+             stain: StainNormaliser | None = None) -> TileCache:
+        tiles = TileCache.build(root, cfg.model.image_size, stain, cache_dir, progress)
+        if role == "train" and len(tiles.classes) < 2:
+            raise DataError(f"the training split {root} has one class ({tiles.classes[0]}); a comparison needs "
+                            "at least two class folders (one class would score a perfect, meaningless 1.0)")
+        return tiles
 
     def describe(self, cfg: ClassifierConfig) -> str:
         return (f"{cfg.model.variant} at {cfg.model.image_size} px, weights "
                 f"{cfg.model.weights or 'none (from scratch)'}, up to {cfg.train.epochs} epochs, early "
                 f"stopping patience {cfg.train.patience} on validation balanced accuracy")
 
+    def select(self, cfg: ClassifierConfig, spec: FilterConfig, source: Path, train_root: Path, out: Path,
+               need: dict[str, int], cache_dir: Path | None, progress: bool) -> dict:
+        return select_folder(source, out, train_root, spec, overwrite=True, progress=progress, need=need)
+
     def runtime(self, cfg: ClassifierConfig) -> Runtime:
         t = cfg.train
         return Runtime.from_choices(t.device, t.amp, t.channels_last)
 
-    def build_task(self, cfg: ClassifierConfig, arm, seed: int, train: TileSet, val: TileSet,
+    def build_task(self, cfg: ClassifierConfig, arm, seed: int, train: TileSet, val_split: TileCache,
                    rt: Runtime) -> ClassifierTask:
+        val = val_split.tileset()
         ds = TileDataset(train.images, train.labels, build_augment(arm.augment, seed))
         ccfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, class_weights=arm.class_weights))
         return ClassifierTask(ccfg, ds, val.images, val.labels, train.classes, rt, seed, arm.sampler)
 
-    def score(self, cfg: ClassifierConfig, best: dict, train: TileSet, test: TileSet, cell: Path) -> dict[str, float]:
+    def score(self, cfg: ClassifierConfig, best: dict, train: TileSet, test_split: TileCache,
+              cell: Path) -> dict[str, float]:
         rt = self.runtime(cfg)
+        test = test_split.tileset()
         model, info = model_from_checkpoint(best)
         probs = predict(rt.prepare(model), test.images, rt)
         m = classification_metrics(test.labels, probs, train.classes)

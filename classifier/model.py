@@ -8,9 +8,6 @@ from efficientnet_pytorch import EfficientNet
 
 from histosynth.checkpoint import CheckpointError, safe_load
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def _unwrap(state: dict) -> dict:
     for key in ("model", "state_dict"):

@@ -19,18 +19,18 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from classifier.config import ClassifierConfig
 from classifier.data import TileDataset, normalise
 from classifier.metrics import classification_metrics
 from classifier.model import create_classifier
+from histosynth.data import StepBatches, steps_per_epoch  # noqa: F401  (public API)
 from histosynth.engine import require_divisible
 from histosynth.roles import Criterion, LRSchedule, Plan
 from histosynth.runtime import Runtime, eval_mode
 
-SAMPLERS = ("random", "balanced")
 CRITERION = Criterion("val_balanced_accuracy", "max")
 
 
@@ -53,55 +53,6 @@ def predict(model: torch.nn.Module, images: np.ndarray, rt: Runtime, batch_size:
                 logits = model(x)
             out.append(torch.softmax(logits.float(), 1).cpu().double())
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Full batches per pass over ``n`` tiles (the remainder is dropped: no size-1 BatchNorm
-    batch); a set smaller than one batch is one batch."""
-    return max(1, n // batch_size)
-
-
-class StepBatches(Dataset):
-    """Item ``k`` is this rank's share of the global batch of training step ``k``: (normalised
-    images, labels), a deterministic function of (seed, k). A DataLoader over a range of steps
-    (``batch_size=None``) prefetches them in workers when there are any."""
-
-    def __init__(self, data: TileDataset, batch_size: int, seed: int, sampler: str = "random",
-                 rank: int = 0, world: int = 1):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        self.data, self.seed, self.sampler, self.rank, self.world = data, seed, sampler, rank, world
-        self.batch_size = min(batch_size, len(data))
-        self.steps_per_epoch = steps_per_epoch(len(data), batch_size)
-        if sampler == "balanced":                # torchsampler's weights: 1 / count of the tile's class
-            from torchsampler import ImbalancedDatasetSampler
-            self.weights = torch.as_tensor(ImbalancedDatasetSampler(data).weights, dtype=torch.double)
-        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return 2 ** 62          # as many steps as a run asks for
-
-    def order(self, epoch: int) -> torch.Tensor:
-        """The tiles of ``epoch`` in the order they are drawn (one generator per epoch)."""
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            n = self.steps_per_epoch * self.batch_size
-            self._order = (torch.multinomial(self.weights, n, replacement=True, generator=g)
-                           if self.sampler == "balanced" else torch.randperm(len(self.data), generator=g)[:n])
-            self._epoch = epoch
-        return self._order
-
-    def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tile indices, positions in the global batch) of this rank's share of ``step``."""
-        epoch, j = divmod(step, self.steps_per_epoch)
-        idx = self.order(epoch)[j * self.batch_size:(j + 1) * self.batch_size].numpy()
-        pos = np.arange(len(idx))
-        return idx[self.rank::self.world], pos[self.rank::self.world]
-
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx, pos = self.indices(step)
-        items = [self.data.item(int(i), (self.seed, step, int(p))) for i, p in zip(idx, pos)]
-        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
 class ClassifierTask:

@@ -9,7 +9,6 @@ import numpy as np
 
 from experiments.config import SyntheticConfig
 from histosynth.config import ConfigError
-from histosynth.data import TileCache
 from histosynth.roles import TileSet
 from histosynth.errors import UserError
 
@@ -55,7 +54,7 @@ def synthetic_counts(real_counts: dict[str, int], spec: SyntheticConfig, where: 
     return {c: max(0, spec.target.get(c, n) - n) for c, n in real_counts.items()}
 
 
-def assemble(real: TileCache, synth: TileCache | None, counts: dict[str, int], seed: int) -> TileSet:
+def assemble(real: TileSet, synth: TileSet | None, counts: dict[str, int], seed: int) -> TileSet:
     """The real training tiles plus ``counts`` synthetic tiles per class, as one :class:`TileSet`
     (``synthetic`` marks the added tiles; per-tile ``targets`` travel with their tiles).
 

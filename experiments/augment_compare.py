@@ -50,17 +50,20 @@ from experiments.report import summarise, write_report  # noqa: E402
 from experiments.splits import SPLITS, resolve_splits  # noqa: E402
 from histosynth import config as configlib  # noqa: E402
 from histosynth import engine  # noqa: E402
-from histosynth.checkpoint import (atomic_write_csv, atomic_write_text, remove_stale_temps,  # noqa: E402
-                                   safe_load, sha256_file)
+from histosynth.checkpoint import (atomic_write, atomic_write_csv, atomic_write_text,  # noqa: E402
+                                   remove_stale_temps, safe_load, sha256_file)
 from histosynth.cli import run_cli  # noqa: E402
-from histosynth.data import TileCache, default_cache_dir  # noqa: E402
+from histosynth.data import default_cache_dir  # noqa: E402
 from histosynth.images import DataError  # noqa: E402
 from histosynth.paths import (OutputExistsError, check_apart, check_claimable, claim_output_dir,  # noqa: E402
                               hold, resolve_data_path)
 from histosynth.registry import get_downstream  # noqa: E402
-from histosynth.roles import TileSet  # noqa: E402
+from histosynth.roles import Generator, PairGenerator, TileSet  # noqa: E402
+from histosynth.stain import StainNormaliser, reference_mosaic  # noqa: E402
 
 SHUFFLE_SALT = 7919
+SYNTHESIS_HINT = {Generator: "use a class-conditional family (dcgan.yaml, sngan.yaml, wgan_gp.yaml, diffusion.yaml)",
+                  PairGenerator: "use a mask-conditioned pair generator (pix2pix_monuseg.yaml)"}
 
 
 def load_compare_config(path, overrides: list[str]) -> tuple[CompareConfig, Path | None]:
@@ -128,20 +131,18 @@ def _cache_dir(cfg: CompareConfig) -> Path:
     return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
 
 
-def load_tiles(cfg: CompareConfig, root, progress: bool) -> TileCache:
-    """A folder's tiles at the downstream model's size, through the shared disk cache (decoded
-    once: later calls, and the cell workers, reopen it)."""
-    size = get_downstream(cfg.task).image_size(cfg.downstream)
-    return TileCache.build(root, size, cache_dir=_cache_dir(cfg), progress=progress)
+def load_split(cfg: CompareConfig, root, role: str, progress: bool, stain: StainNormaliser | None = None):
+    """A folder's data as the downstream task reads it (classification: tiles at the model's size;
+    segmentation: image-mask tiles, or whole images for val/test), through the shared disk cache
+    (decoded once: later calls, and the cell workers, reopen it). ``role``: train | val | test |
+    synthetic."""
+    return get_downstream(cfg.task).load(cfg.downstream, Path(root), role, _cache_dir(cfg), progress, stain)
 
 
 def load_splits(cfg: CompareConfig, out: Path, progress: bool):
-    splits = resolve_splits(cfg.data, out)
-    caches = {s: load_tiles(cfg, splits.roots[s], progress) for s in SPLITS}
+    splits = resolve_splits(cfg.data, out, get_downstream(cfg.task).layout)
+    caches = {s: load_split(cfg, splits.roots[s], s, progress) for s in SPLITS}
     classes = caches["train"].classes
-    if len(classes) < 2:
-        raise DataError(f"the training split has one class ({classes[0]}); a comparison needs at least two "
-                        "class folders (one class would score a perfect, meaningless 1.0)")
     for s in ("val", "test"):
         if caches[s].classes != classes:
             raise DataError(f"the {s} split has classes {caches[s].classes} but train has {classes}; "
@@ -151,7 +152,9 @@ def load_splits(cfg: CompareConfig, out: Path, progress: bool):
 
 def leakage_checks(splits, caches, progress: bool) -> tuple[dict, dict[str, str]]:
     hashes = {s: file_hashes(splits.roots[s], caches[s].files, progress, f"hashing {s}") for s in SPLITS}
-    check_real(hashes["train"], {"val": hashes["val"], "test": hashes["test"]})
+    samples = {s: set(caches[s].sample_files()) for s in SPLITS}     # images, not masks: two empty
+    by_sample = {s: {h: f for h, f in hashes[s].items() if f in samples[s]} for s in SPLITS}   # masks may agree
+    check_real(by_sample["train"], {"val": by_sample["val"], "test": by_sample["test"]})
     info = {"content hashes": f"no validation/test file in train ({sum(len(h) for h in hashes.values())} files, sha256)"}
     if splits.groups:
         n = check_groups(splits.groups, {s: caches[s].files for s in SPLITS})
@@ -198,10 +201,10 @@ def generator_stage(cfg: CompareConfig, name: str, train_root: Path, out: Path, 
 
     stage = cfg.generators[name]
     gcfg, _ = load_config(stage.config, list(stage.set) + [f"data.root={train_root.resolve()}"])
-    if not get_family(gcfg.model.family).class_conditional(gcfg):
-        raise configlib.ConfigError(f"generators.{name}.config", f"{stage.config} does not draw tiles of named "
-                                    "classes; a generator stage needs a class-conditional family (dcgan.yaml, "
-                                    "sngan.yaml, wgan_gp.yaml, diffusion.yaml)")
+    task = get_downstream(cfg.task)
+    if get_family(gcfg.model.family).draws(gcfg) is not task.synthesis:
+        raise configlib.ConfigError(f"generators.{name}.config", f"{stage.config} does not give what the {task.name} "
+                                    f"task trains on ({task.synthesis.__name__}); {SYNTHESIS_HINT[task.synthesis]}")
     run, synth = out / "generators" / name / "run", out / "generators" / name / "synthetic"
     ck_path = run / "checkpoints" / "last.pt"
     done = ck_path.is_file() and int(safe_load(ck_path).get("step", -1)) >= gcfg.train.steps
@@ -215,9 +218,10 @@ def generator_stage(cfg: CompareConfig, name: str, train_root: Path, out: Path, 
         import json
         info = json.loads(source.read_text())
         with open(manifest, newline="") as f:
-            counts: dict[str, int] = {}
+            seeds: dict[str, set] = {}          # one seed per tile (per pair: its image and mask rows)
             for row in csv.DictReader(f):
-                counts[row["class"]] = counts.get(row["class"], 0) + 1
+                seeds.setdefault(row["class"], set()).add(row["seed"])
+            counts = {c: len(v) for c, v in seeds.items()}
         if info.get("checkpoint_sha256") == sha256_file(ck_path) and all(counts.get(c, 0) >= n
                                                                          for c, n in per_class.items()):
             return synth
@@ -232,8 +236,6 @@ def selected_set(cfg: CompareConfig, arm, source_root: Path, out: Path, train_ro
     classifier trained on the training split only."""
     import hashlib
     import json
-    from metrics.selection import select_folder
-
     spec = arm.synthetic.filter
     digest = hashlib.sha256(str(source_root.resolve()).encode()).hexdigest()[:8]
     root = out / "selected" / f"{Path(arm.synthetic.source).name}-{digest}-{spec.tag()}"
@@ -244,7 +246,7 @@ def selected_set(cfg: CompareConfig, arm, source_root: Path, out: Path, train_ro
                 sel["counts"].get(c, {}).get("kept", 0) >= n for c, n in need.items()):
             return root
     print(f"augment-compare: selecting from {source_root} ({spec.describe()}) -> {root}", file=sys.stderr)
-    select_folder(source_root, root, train_root, spec, overwrite=True, progress=progress, need=need)
+    get_downstream(cfg.task).select(cfg.downstream, spec, source_root, train_root, root, need, _cache_dir(cfg), progress)
     return root
 
 
@@ -269,22 +271,51 @@ def load_synthetic(cfg: CompareConfig, out: Path, splits, caches, evals: dict[st
         if arm.synthetic.filter is not None and key not in roots:
             roots[key] = selected_set(cfg, arm, roots[arm.synthetic.source], out, splits.roots["train"],
                                       needed(cfg, real_counts, key), progress)
-    sources: dict[str, tuple[TileCache, dict]] = {}
+    sources: dict[str, tuple[object, dict]] = {}
     for key, root in roots.items():
         if key in {source_key(a) for a in cfg.arms}:
-            cache = load_tiles(cfg, root, progress)
+            cache = load_split(cfg, root, "synthetic", progress)
             prov = verify_synthetic(root, cache.files, evals, [splits.roots["val"], splits.roots["test"]],
                                     cfg.leakage.allow_unverified_synthetic)
             sources[key] = (cache, {"root": str(root), "classes": cache.class_counts(), **prov})
     return sources
 
 
-def reopen_inputs(cfg: CompareConfig, split_roots: dict[str, str], source_roots: dict[str, str]):
-    """The tile caches of the splits and synthetic sources, reopened from the disk cache the
-    parent process wrote (a cell worker's view; the parent already checked them)."""
-    caches = {s: load_tiles(cfg, root, False) for s, root in split_roots.items()}
-    sources = {k: (load_tiles(cfg, root, False), {"root": root}) for k, root in source_roots.items()}
-    return caches, sources
+class Inputs:
+    """The decoded splits and synthetic sets of every preprocessing the arms ask for (``none``, or a
+    stain normalisation fitted on training images only: a mosaic of 16 training tiles written to
+    OUT/preprocess/stain_reference.png), decoded on first use through the disk cache. The parent
+    builds it from the checked data; a cell worker rebuilds it from the same folders (it then
+    reopens what the parent decoded)."""
+
+    def __init__(self, cfg: CompareConfig, out: Path, split_roots: dict[str, str], source_roots: dict[str, str],
+                 progress: bool = False, loaded: tuple[dict, dict] | None = None):
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.split_roots, self.source_roots = split_roots, source_roots
+        self._by_method: dict[str, tuple[dict, dict]] = {"none": loaded} if loaded else {}
+
+    @property
+    def reference(self) -> Path:
+        return self.out / "preprocess" / "stain_reference.png"
+
+    def stain(self, method: str) -> StainNormaliser | None:
+        if method == "none":
+            return None
+        if not self.reference.is_file():
+            from PIL import Image
+            mosaic = reference_mosaic(self.get("none")[0]["train"].tileset().images)
+            atomic_write(self.reference, lambda f: Image.fromarray(mosaic).save(f, format="PNG"))
+        return StainNormaliser.from_file(method, self.reference)
+
+    def get(self, method: str = "none") -> tuple[dict, dict]:
+        """(split -> data, synthetic key -> (data, {"root": folder})) preprocessed by ``method``."""
+        if method not in self._by_method:
+            stain = self.stain(method)
+            caches = {s: load_split(self.cfg, root, s, self.progress, stain) for s, root in self.split_roots.items()}
+            sources = {k: (load_split(self.cfg, root, "synthetic", self.progress, stain), {"root": root})
+                       for k, root in self.source_roots.items()}
+            self._by_method[method] = caches, sources
+        return self._by_method[method]
 
 
 @dataclasses.dataclass
@@ -295,27 +326,28 @@ class CellConfig:
     seed: int
 
 
-def run_cell(cfg: CompareConfig, arm, arm_index: int, seed: int, caches, sources, out: Path,
+def run_cell(cfg: CompareConfig, arm, arm_index: int, seed: int, inputs: Inputs, out: Path,
              progress: bool) -> dict:
     """One arm x seed: assemble the arm's training set, let the downstream task train and score
     it, return the results.csv row."""
+    caches, sources = inputs.get(arm.stain_norm)
     train = caches["train"]
     counts = synthetic_counts(train.class_counts(), arm.synthetic, f"arms[{arm_index}].synthetic")
-    synth = sources[source_key(arm)][0] if arm.synthetic.source != "none" else None
-    data = assemble(train, synth, counts, seed)
+    synth = sources[source_key(arm)][0].tileset() if arm.synthetic.source != "none" else None
+    data = assemble(train.tileset(), synth, counts, seed)
     if arm.labels == "shuffled":            # the control: labels (and targets) permuted over tiles
         perm = np.random.default_rng(seed + SHUFFLE_SALT).permutation(len(data))
         data = TileSet(data.images, data.labels[perm], data.classes,
                        None if data.targets is None else data.targets[perm], data.synthetic)
     cell = out / "cells" / arm.name / f"seed{seed}"
     t0 = time.time()
-    task, dcfg, val = get_downstream(cfg.task), cfg.downstream, caches["val"].tileset()
+    task, dcfg, val = get_downstream(cfg.task), cfg.downstream, caches["val"]
     rt = task.runtime(dcfg)
     summary = engine.train(task.name, CellConfig(dcfg, arm, seed), lambda rt: task.build_task(dcfg, arm, seed, data, val, rt),
                            cell, rt, seed=seed, resume=True, progress=progress, desc=f"{arm.name} seed {seed}",
                            keep_final_state=False)
     scores = task.score(dcfg, engine.load_checkpoint(engine.RunDir(cell).checkpoint("best")), data,
-                        caches["test"].tileset(), cell)
+                        caches["test"], cell)
     return {"arm": arm.name, "seed": seed, "n_train_real": int((~data.synthetic).sum()),
             "n_train_synthetic": int(data.synthetic.sum()), "steps_run": summary["step"],
             "best_step": summary["best_step"], "stopped_early": summary["stopped_early"], **scores,
@@ -359,9 +391,14 @@ def _run_compare(cfg: CompareConfig, out: Path, overwrite: bool, progress: bool,
     results = out / "results.csv"
     rows = read_results(results)
     sources = {} if report_only else load_synthetic(cfg, out, splits, caches, evals, progress)
+    inputs = Inputs(cfg, out, {s: str(splits.roots[s]) for s in SPLITS},
+                    {k: v[1]["root"] for k, v in sources.items()}, progress,
+                    loaded=(caches, {k: (v[0], {"root": v[1]["root"]}) for k, v in sources.items()}))
     if not report_only:
         done = {(r["arm"], int(r["seed"])) for r in rows}
         todo = [(s, i, a) for s in cfg.seeds for i, a in enumerate(cfg.arms) if (a.name, s) not in done]
+        for method in sorted({a.stain_norm for _, _, a in todo}):
+            inputs.get(method)                  # decoded once, here, before any worker starts
         bar = tqdm(total=len(cfg.seeds) * len(cfg.arms), initial=len(cfg.seeds) * len(cfg.arms) - len(todo),
                    desc="cells", unit="cell", disable=not progress)
         if workers > 1 and len(todo) > 1:
@@ -372,13 +409,13 @@ def _run_compare(cfg: CompareConfig, out: Path, overwrite: bool, progress: bool,
                 rows = append_result(results, row)
                 bar.set_postfix_str(f"{row['arm']} seed {row['seed']} done")
                 bar.update(1)
-            job = {"cfg": cfg, "out": str(out), "split_roots": {s: str(splits.roots[s]) for s in SPLITS},
-                   "source_roots": {k: v[1]["root"] for k, v in sources.items()}}
+            job = {"cfg": cfg, "out": str(out), "split_roots": inputs.split_roots,
+                   "source_roots": inputs.source_roots}
             run_cells_parallel(job, [(seed, i) for seed, i, _ in todo], workers, on_row)
         else:
             for seed, i, arm in todo:
                 bar.set_postfix_str(f"{arm.name} seed {seed}")
-                rows = append_result(results, run_cell(cfg, arm, i, seed, caches, sources, out, progress))
+                rows = append_result(results, run_cell(cfg, arm, i, seed, inputs, out, progress))
                 bar.update(1)
         bar.close()
     wanted = {a.name for a in cfg.arms}
@@ -387,24 +424,33 @@ def _run_compare(cfg: CompareConfig, out: Path, overwrite: bool, progress: bool,
             if r["arm"] in wanted and int(r["seed"]) in seeds]
     train = caches["train"]
     task = get_downstream(cfg.task)
+    stains = {a.stain_norm for a in cfg.arms} - {"none"}
     extra = {
         "n_test": len(caches["test"]),
         "seeds": list(cfg.seeds),
         "data": {
             "split": f"{splits.method} ({', '.join(f'{s}: {splits.roots[s]}' for s in SPLITS)})",
-            **{f"{s} tiles": f"{len(caches[s])} ({', '.join(f'{c} {n}' for c, n in caches[s].class_counts().items())})"
-               for s in SPLITS},
+            **{s: caches[s].describe() for s in SPLITS},
             f"downstream ({task.name})": task.describe(cfg.downstream),
             **{f"synthetic source {k}": v[1] for k, v in sources.items()},
+            **({"stain normalisation": f"{', '.join(sorted(stains))}, fitted to a mosaic of 16 training tiles "
+                                       f"({inputs.reference.relative_to(out)}); applied to every split and "
+                                       "synthetic set of the arms that ask for it"} if stains else {}),
         },
         "leakage": leak_info,
     }
     extra["classes"] = train.classes
-    extra["minority"] = min(train.class_counts().items(), key=lambda kv: kv[1])[0]
+    extra["test_unit"] = task.test_unit
+    if task.class_balance:
+        extra["minority"] = min(train.class_counts().items(), key=lambda kv: kv[1])[0]
     summary = summarise(rows, cfg.arms, task.spec, task.chance(train.classes), cfg.report, extra)
     selections = {f"Selection of {k.split('#')[0]} ({v[1]['selected']['filter']}): best kept and worst "
                   "rejected tiles, score histograms": str(Path(v[1]["root"]).relative_to(out) / "selection.png")
                   for k, v in sources.items() if "selected" in v[1] and Path(v[1]["root"]).is_relative_to(out)}
+    selections.update({f"Synthetic pairs of {k}: drawn mask | painted image | nearest real training tile":
+                       str(Path(v[1]["root"]).relative_to(out) / "preview.png")
+                       for k, v in sources.items() if (Path(v[1]["root"]) / "preview.png").is_file()
+                       and Path(v[1]["root"]).is_relative_to(out)})
     write_report(summary, rows, out, task.plots, selections)
     return summary
 

@@ -2,8 +2,8 @@
 
 Sections: ``data`` (where the real train/val/test splits come from), ``generators`` (optional:
 named generator stages, each a train-gan config trained on the training split, whose synthetic
-sets arms use by name), ``task`` (the downstream
-task every arm trains: ``classification``) and ``downstream`` (its model and training, shared by
+sets arms use by name), ``task`` (the downstream task every arm trains: ``classification`` or
+``segmentation``) and ``downstream`` (its model and training, shared by
 every arm; typed by the task: :class:`classifier.config.ClassifierConfig` for classification),
 ``arms`` (what differs between arms), ``seeds``, ``report`` and ``leakage``. Unknown keys, wrong
 types and out-of-range values fail with the dotted key (``arms[2].synthetic.ratio``,
@@ -27,13 +27,16 @@ from metrics.selection import FilterConfig
 @dataclass
 class CompareDataConfig:
     root: str = "data/lung_demo"
-    """A folder holding ``train/``, ``val/`` and ``test/`` ImageFolder trees (``split: folders``),
-    or one ImageFolder tree that is split here (``split: groups`` or ``stratified``)."""
+    """A folder holding ``train/``, ``val/`` and ``test/`` (``split: folders``; without ``val/``,
+    validation is carved from train by sample), or one folder that is split here (``split:
+    groups`` or ``stratified``). Each is in the task's layout: class folders (classification) or
+    ``images/`` + ``masks/`` pairs (segmentation)."""
     split: Literal["auto", "folders", "groups", "stratified"] = "auto"
-    """``folders``: use root/train, root/val, root/test; ``groups``: split root by the group ids
-    of ``groups`` (no group spans two splits; stratified by class); ``stratified``: a seeded
-    stratified random split (only when tiles are independent: no near-duplicates); ``auto``:
-    folders when root/train exists, else groups when a groups file exists, else stratified."""
+    """``folders``: use root/train, root/val (or carve it from train), root/test; ``groups``: split
+    root by the group ids of ``groups`` (no group spans two splits; stratified by class);
+    ``stratified``: a seeded stratified random split (only when samples are independent: no
+    near-duplicates); ``auto``: folders when root/train exists, else groups when a groups file
+    exists, else stratified."""
     groups: Optional[str] = None
     """CSV with columns ``file`` and ``group_id`` (``lung/groups.csv`` style; ``file`` relative to
     root or a bare file name). Default: root/groups.csv when present. With folders, no group may
@@ -116,13 +119,19 @@ class ArmConfig:
     name: str = "real_only"
     """Identifier of the arm (letters, digits, _, . and -); used in tables, plots and folders."""
     augment: str = "flip_rot90"
-    """Augmentation policy of the downstream task (classification: classifier/augment.py): none |
+    """Augmentation policy of the downstream task. Classification (classifier/augment.py): none |
     flip (h/v flips: 4 symmetries) | flip_rot90 (all 8 symmetries) | stain (flip_rot90 + H&E stain
-    jitter) | classic (flip_rot90 + affine + elastic + colour + stain jitter)."""
+    jitter) | classic (flip_rot90 + affine + elastic + colour + stain jitter). Segmentation
+    (segmentation/augment.py): none | flip_rot90 | distort (flip_rot90 + scale/rotation, elastic,
+    grid and barrel/pincushion distortion) | stain | classic (distort + colour + stain jitter)."""
+    stain_norm: Literal["none", "macenko", "reinhard"] = "none"
+    """Stain normalisation of every image the arm sees (training, synthetic, validation and test),
+    torchstain's Macenko or Reinhard fitted to a mosaic of training tiles only."""
     sampler: Literal["random", "balanced"] = "random"
-    """``balanced``: torchsampler's ImbalancedDatasetSampler (classes drawn equally often)."""
+    """``balanced``: torchsampler's ImbalancedDatasetSampler (classes drawn equally often;
+    classification only)."""
     class_weights: Literal["none", "balanced"] = "none"
-    """``balanced``: class-weighted cross-entropy."""
+    """``balanced``: class-weighted cross-entropy (classification only)."""
     labels: Literal["real", "shuffled"] = "real"
     """``shuffled``: training labels permuted (a control that must stay near chance)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -165,10 +174,12 @@ class CompareConfig:
     """Named generator stages, e.g. ``{gan: {config: dcgan.yaml}, diffusion: {config:
     diffusion.yaml}}``; arms use them by name (``synthetic.source: gan``)."""
     task: str = "classification"
-    """The downstream task every arm trains (a package with a downstream.py: ``classification``)."""
+    """The downstream task every arm trains (a package with a downstream.py: ``classification``,
+    ``segmentation``)."""
     downstream: Any = field(default_factory=dict)
     """The task's model and training, shared by every arm; keys as the task's config class
-    (classification: ``model`` and ``train`` of classifier/config.py)."""
+    (classification: ``model`` and ``train`` of classifier/config.py; segmentation: ``model``,
+    ``train`` and ``eval`` of segmentation/config.py)."""
     arms: list[ArmConfig] = field(default_factory=lambda: [ArmConfig()])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     report: CompareReportConfig = field(default_factory=CompareReportConfig)
@@ -199,6 +210,14 @@ class CompareConfig:
         for i, a in enumerate(self.arms):
             require_choice(a.augment, task.augment_policies, f"arms[{i}].augment",
                            f"an augmentation policy of the {task.name} task")
+            if a.synthetic.filter is not None:
+                require_choice(a.synthetic.filter.by, task.filters, f"arms[{i}].synthetic.filter.by",
+                               f"a filter of the {task.name} task")
+            if not task.class_balance:
+                require(a.sampler == "random", f"arms[{i}].sampler",
+                        f"must be 'random': the {task.name} task has no classes to balance")
+                require(a.class_weights == "none", f"arms[{i}].class_weights",
+                        f"must be 'none': the {task.name} task has no classes to weight")
         if self.report.primary == "auto":
             self.report.primary = task.spec.primary
         require_choice(self.report.primary, task.spec.names, "report.primary", f"a {task.name} metric")

@@ -42,17 +42,17 @@ def _worker(index: int, n_workers: int, job: dict, tasks, results) -> None:
         torch.cuda.set_device(index % torch.cuda.device_count())
     else:   # share the cores out; inside a cell the downstream model uses this many threads
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
-    from experiments.augment_compare import reopen_inputs, run_cell
+    from experiments.augment_compare import Inputs, run_cell
 
     cfg, out = job["cfg"], Path(job["out"])
-    caches, sources = reopen_inputs(cfg, job["split_roots"], job["source_roots"])
+    inputs = Inputs(cfg, out, job["split_roots"], job["source_roots"])
     while True:
         item = tasks.get()
         if item is None:
             return
         seed, arm_index = item
         try:
-            row = run_cell(cfg, cfg.arms[arm_index], arm_index, seed, caches, sources, out, False)
+            row = run_cell(cfg, cfg.arms[arm_index], arm_index, seed, inputs, out, False)
         except BaseException as e:  # handed to the parent, which stops and reports it
             try:
                 import pickle

@@ -36,7 +36,7 @@ def summarise(rows: list[dict], arms: list, spec: MetricSpec, chance: dict[str, 
         rs = by_arm[a.name]
         out["arms"][a.name] = {
             "seeds": [int(r["seed"]) for r in rs],
-            "augment": a.augment, "sampler": a.sampler, "class_weights": a.class_weights,
+            "augment": a.augment, "stain_norm": a.stain_norm, "sampler": a.sampler, "class_weights": a.class_weights,
             "labels": a.labels, "synthetic": a.synthetic.source,
             "n_train_real": int(rs[0]["n_train_real"]) if rs else None,
             "n_train_synthetic": int(rs[0]["n_train_synthetic"]) if rs else None,
@@ -105,7 +105,7 @@ def verdict(s: dict, arms: list) -> str:
          hurt if c["p_holm"] < alpha and better_sign * c["mean_diff"] < 0 else flat).append(desc)
     b = s["arms"][base]["metrics"][prim]
     parts.append(f"Baseline {base}: {label} {_fmt(b['mean'])} (95 % CI {_fmt(b['ci_low'])}-{_fmt(b['ci_high'])}) "
-                 f"over {n_seeds} seed(s) on {s.get('n_test', '?')} real test tiles.")
+                 f"over {n_seeds} seed(s) on {s.get('n_test', '?')} real test {s.get('test_unit', 'tiles')}.")
     if helped:
         parts.append(f"Significantly better than {base} at alpha {alpha}: " + "; ".join(helped) + ".")
     if hurt:
@@ -139,8 +139,8 @@ def verdict(s: dict, arms: list) -> str:
                          "the other arms until this is explained.")
     if n_seeds < 5:
         parts.append(f"With only {n_seeds} seed(s) these intervals are wide and small effects cannot be "
-                     "resolved; run the full protocol (configs/compare.yaml, >= 5 seeds) before drawing "
-                     "conclusions.")
+                     "resolved; run the full protocol (>= 5 seeds: configs/compare.yaml, compare_monuseg_gpu.yaml) "
+                     "before drawing conclusions.")
     return " ".join(parts)
 
 
@@ -213,10 +213,11 @@ def render_markdown(s: dict, figs: dict[str, str]) -> str:
             c = comp[m]
             L.append(f"| {n} | {metrics[m]['label']} | {_fmt(c['mean_diff'], True)} | [{_fmt(c['ci_low'], True)}, "
                      f"{_fmt(c['ci_high'], True)}] | {_p(c['p'])} | {_p(c.get('p_holm', math.nan)) if m == prim else ''} |")
-    L += ["", "## Arms", "", "| arm | augmentation | sampler | class weights | labels | synthetic |",
-          "|---|---|---|---|---|---|"]
+    L += ["", "## Arms", "", "| arm | augmentation | stain normalisation | sampler | class weights | labels | synthetic |",
+          "|---|---|---|---|---|---|---|"]
     for n, a in s["arms"].items():
-        L.append(f"| {n} | {a['augment']} | {a['sampler']} | {a['class_weights']} | {a['labels']} | {a['synthetic']} |")
+        L.append(f"| {n} | {a['augment']} | {a.get('stain_norm', 'none')} | {a['sampler']} | {a['class_weights']} | "
+                 f"{a['labels']} | {a['synthetic']} |")
     L += ["", "## Data and safeguards", ""]
     for k, v in s.get("data", {}).items():
         L.append(f"- {k}: {v}")

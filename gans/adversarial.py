@@ -27,7 +27,7 @@ from histosynth import config as configlib
 from histosynth.config import ConfigError
 from histosynth.data import BatchSampler, TileCache, flip_rot90, to_uint8, to_unit_range
 from histosynth.engine import module_state, require_divisible
-from histosynth.roles import Grid
+from histosynth.roles import Generator, Grid
 from histosynth.runtime import Runtime, compiled, eval_mode
 
 
@@ -262,6 +262,6 @@ def adversarial_family(name: str, networks: Callable[..., tuple[nn.Module, nn.Mo
     return Family(name=name, paper=paper, config=GANConfig, config_file=f"{name}.yaml", smoke=SMOKE,
                   inputs=inputs, load_data=load_data, provenance=provenance, build_task=GANTask,
                   from_checkpoint=_from_checkpoint,
-                  class_conditional=lambda cfg: cfg.model.conditioning != "none",
+                  draws=lambda cfg: Generator if cfg.model.conditioning != "none" else None,
                   networks=networks, default_loss=default_loss)
 

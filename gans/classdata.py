@@ -12,14 +12,19 @@ from typing import Any
 
 from histosynth.checkpoint import sha256_file
 from histosynth.data import TileCache, cache_dir_of
+from histosynth.images import scan_image_folder
 from histosynth.paths import resolve_data_path
+from histosynth.stain import StainNormaliser
 
 
 def load_data(cfg: Any, progress: bool = True) -> TileCache:
     d = cfg.data
-    ref = str(resolve_data_path(d.stain_reference)) if d.stain_reference else None
-    return TileCache.build(resolve_data_path(d.root), d.image_size, d.stain_norm, ref,
-                           cache_dir_of(d), progress=progress)
+    root = resolve_data_path(d.root)
+    stain = None
+    if d.stain_norm != "none":
+        ref = resolve_data_path(d.stain_reference) if d.stain_reference else scan_image_folder(root)[1][0][0]
+        stain = StainNormaliser.from_file(d.stain_norm, ref)
+    return TileCache.build(root, d.image_size, stain, cache_dir_of(d), progress=progress)
 
 
 def inputs(cfg: Any) -> dict[str, Path | None]:

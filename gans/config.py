@@ -35,10 +35,10 @@ class DataConfig:
     image_size: int = 64
     """Side of the square training tiles: 32, 64 or 128. Tiles are centre-cropped to a square and
     resized once (bicubic, antialiased) when the cache is built."""
-    stain_norm: Literal["none", "macenko"] = "none"
-    """Stain normalisation applied once when the cache is built (torchstain's Macenko)."""
+    stain_norm: Literal["none", "macenko", "reinhard"] = "none"
+    """Stain normalisation applied once when the cache is built (torchstain's Macenko or Reinhard)."""
     stain_reference: Optional[str] = None
-    """Reference tile for Macenko; default: the first tile of the first class."""
+    """Reference tile the normaliser is fitted to; default: the first tile of the first class."""
     augment: Literal["none", "flip", "flip_rot90"] = "flip_rot90"
     """Real-image augmentation on the cached tensor each step, named as everywhere in histosynth:
     ``flip`` (horizontal and vertical flips: 4 of the 8 symmetries of the square) or

@@ -25,7 +25,7 @@ import torch.nn as nn
 from histosynth.config import ConfigError, require_choice
 from histosynth.engine import RunDir, RunDirError, load_checkpoint
 from histosynth.registry import discover
-from histosynth.roles import Generator, Task, Translator
+from histosynth.roles import Generator, PairGenerator, Task, Translator
 from histosynth.runtime import Runtime
 
 RESOLUTIONS = (32, 64, 128)
@@ -52,8 +52,11 @@ class Family:
     """(config, data, runtime) -> the task the engine trains."""
     from_checkpoint: Callable[[dict, str, Any], Generator | Translator]
     """(checkpoint, weights 'ema' | 'raw', device) -> what the trained run does."""
-    class_conditional: Callable[[Any], bool] = lambda cfg: False
-    """Does a run of this config draw tiles of named classes (what augment-compare's GAN stage needs)?"""
+    draws: Callable[[Any], type | None] = lambda cfg: None
+    """What a trained run of this config gives augment-compare's generator stages:
+    :class:`~histosynth.roles.Generator` (tiles of named classes: class-conditional families),
+    :class:`~histosynth.roles.PairGenerator` (image-mask pairs), or None (unconditional tiles, or
+    a translator)."""
     cpu_bf16: bool = True
     """Does ``amp: auto`` mean bf16 autocast + channels_last on a CPU with native bf16 (AMX /
     AVX-512 BF16)? True where it was measured to pay (the GANs: 2-5x); False keeps fp32 NCHW on
@@ -109,14 +112,19 @@ def create_model(family: str, image_size: int = 64, num_classes: int = 0, z_dim:
     return G, D
 
 
-_OTHER_ROLE = {Generator: "translates images rather than drawing tiles; use gan-translate",
-               Translator: "draws tiles rather than translating images; use gan-generate"}
+_WHAT = ((Translator, "translates images between domains (gan-translate, gan-eval)"),
+         (PairGenerator, "draws image-mask pairs (gan-generate writes images/ and masks/)"),
+         (Generator, "draws tiles (gan-generate, piq-report --generator)"))
 
 
-def load_run(run: str | Path, role: type, checkpoint: str | int = "last", weights: str = "ema",
-             device: Any = "cpu") -> tuple[Generator | Translator, dict, Path]:
-    """What a trained run does, as ``role`` (Generator or Translator), its checkpoint and the
-    checkpoint's path; a run of the other role is refused. ``checkpoint``: ``last``, ``best`` or a
+def _does(trained: Any) -> str:
+    return next((what for role, what in _WHAT if isinstance(trained, role)), "does neither")
+
+
+def load_run(run: str | Path, role: type | tuple[type, ...], checkpoint: str | int = "last", weights: str = "ema",
+             device: Any = "cpu") -> tuple[Generator | PairGenerator | Translator, dict, Path]:
+    """What a trained run does, as ``role`` (Generator, PairGenerator, Translator, or a tuple of
+    them), its checkpoint and the checkpoint's path; a run of another role is refused. ``checkpoint``: ``last``, ``best`` or a
     snapshot's step."""
     run_dir = RunDir(Path(run))
     if not run_dir.config.is_file():
@@ -126,5 +134,6 @@ def load_run(run: str | Path, role: type, checkpoint: str | int = "last", weight
     family = families()[ck["task"]]
     trained = family.from_checkpoint(ck, weights, device)
     if not isinstance(trained, role):
-        raise RunDirError(f"{run} is a {family.name} run, which {_OTHER_ROLE[role]}")
+        raise RunDirError(f"{run} is a {family.name} run, which {_does(trained)}; this command needs one that "
+                          + " or ".join(w for r, w in _WHAT if r in (role if isinstance(role, tuple) else (role,))))
     return trained, ck, path

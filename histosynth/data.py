@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
 
 from histosynth.checkpoint import atomic_fill, atomic_write_text
 from histosynth.roles import TileSet
-from histosynth.stain import MacenkoStain
+from histosynth.stain import StainNormaliser
 from histosynth.images import (DataError, UnreadableImage, open_rgb, scan_flat_folder,
                                scan_image_folder, warn_skipped)
 
@@ -90,18 +91,25 @@ class TileCache:
         counts = np.bincount(self.labels, minlength=len(self.classes))
         return {c: int(n) for c, n in zip(self.classes, counts)}
 
+    def sample_files(self) -> list[str]:
+        return list(self.files)
+
+    def describe(self) -> str:
+        return f"{len(self)} tiles ({', '.join(f'{c} {n}' for c, n in self.class_counts().items())})"
+
     @classmethod
-    def build(cls, root: str | Path, image_size: int, stain_norm: str = "none",
-              stain_reference: str | None = None, cache_dir: str | Path | None = None,
-              progress: bool = True, layout: str = "classes") -> "TileCache":
-        """Decode ``root`` once. ``layout``: ``classes`` (ImageFolder: one sub-folder per class)
-        or ``flat`` (every image directly in ``root``, one pseudo-class named after it)."""
+    def build(cls, root: str | Path, image_size: int, stain: StainNormaliser | None = None,
+              cache_dir: str | Path | None = None, progress: bool = True, layout: str = "classes") -> "TileCache":
+        """Decode ``root`` once. ``stain``: normalise every image first (one that cannot be
+        normalised is kept as it is, counted in a warning). ``layout``: ``classes`` (ImageFolder:
+        one sub-folder per class) or ``flat`` (every image directly in ``root``, one
+        pseudo-class named after it)."""
         root = Path(root)
         if layout == "flat":
             classes, items = [root.name], [(p, 0) for p in scan_flat_folder(root)]
         else:
             classes, items = scan_image_folder(root)
-        key = _cache_key(root, items, image_size, stain_norm, stain_reference)
+        key = _cache_key(root, items, image_size, stain.key if stain else "none")
         npy = json_path = None
         if cache_dir is not None:
             cache_dir = Path(cache_dir)
@@ -119,10 +127,6 @@ class TileCache:
                     return cls(images, np.asarray(meta["labels"], dtype=np.int64), meta["classes"],
                                meta["files"], skipped, key)
 
-        normalise = None
-        if stain_norm == "macenko":
-            ref_path = Path(stain_reference) if stain_reference else items[0][0]
-            normalise = MacenkoStain(np.asarray(open_rgb(ref_path)))
         shape = (len(items), 3, image_size, image_size)
         min_side = max(2, image_size // 4)        # more than 4x upscaling makes no tile
         labels, files, skipped = [], [], []
@@ -143,9 +147,9 @@ class TileCache:
                     skipped.append((str(path), f"too small ({rgb.shape[1]} x {rgb.shape[0]} px) for {image_size} px "
                                                f"tiles (at least {min_side})"))
                     continue
-                if normalise is not None:
+                if stain is not None:
                     try:
-                        rgb = normalise(rgb)
+                        rgb = stain(rgb)
                     except Exception:  # background-only tiles have no stain vectors to fit
                         stain_failures += 1
                 images[n] = square_resize(Image.fromarray(rgb), image_size).transpose(2, 0, 1)
@@ -157,7 +161,7 @@ class TileCache:
         def check() -> None:
             warn_skipped(skipped, str(root))
             if stain_failures:
-                warnings.warn(f"Macenko normalisation failed on {stain_failures} tile(s) of {root} "
+                warnings.warn(f"{stain.method} stain normalisation failed on {stain_failures} tile(s) of {root} "
                               "(too little stained tissue); they were kept unnormalised", stacklevel=3)
             present = set(labels)
             missing = [c for i, c in enumerate(classes) if i not in present]
@@ -250,19 +254,80 @@ def _open_cache(npy: Path, json_path: Path) -> tuple[np.ndarray, dict]:
     return images, meta
 
 
-def _cache_key(root: Path, items, image_size, stain_norm, stain_reference) -> str:
+def _cache_key(root: Path, items, image_size, stain_key: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, str(root.resolve()), image_size, stain_norm,
-                         str(stain_reference)]).encode())
-    if stain_reference:
-        st = Path(stain_reference).stat()
-        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps([CACHE_VERSION, str(root.resolve()), image_size, stain_key]).encode())
     for path, label in items:
         # ctime too: a file rewritten with its old size and mtime restored still changes its ctime
         st = path.stat() if path.exists() else None
         h.update(f"{path.relative_to(root)}|{label}|{st and st.st_size}|{st and st.st_mtime_ns}|"
                  f"{st and st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:24]
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B x) 3 x H x W`` -> float, ImageNet mean/std (what ImageNet-style encoders expect:
+    efficientnet-pytorch, segmentation-models-pytorch)."""
+    mean, std = _MEAN.to(x.device), _STD.to(x.device)
+    return (x.float() - mean) / std
+
+
+SAMPLERS = ("random", "balanced")
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches per pass over ``n`` tiles (the remainder is dropped: no size-1 BatchNorm
+    batch); a set smaller than one batch is one batch."""
+    return max(1, n // batch_size)
+
+
+class StepBatches(Dataset):
+    """Item ``k`` is this rank's share of the global batch of training step ``k``: ``data``'s
+    items (``data.item(i, seed)``: a classifier's (image, label), a segmenter's (image, mask))
+    collated, a deterministic function of (seed, k). A DataLoader over a range of steps
+    (``batch_size=None``) prefetches them in workers when there are any."""
+
+    def __init__(self, data: Dataset, batch_size: int, seed: int, sampler: str = "random",
+                 rank: int = 0, world: int = 1):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        self.data, self.seed, self.sampler, self.rank, self.world = data, seed, sampler, rank, world
+        self.batch_size = min(batch_size, len(data))
+        self.steps_per_epoch = steps_per_epoch(len(data), batch_size)
+        if sampler == "balanced":                # torchsampler's weights: 1 / count of the tile's class
+            from torchsampler import ImbalancedDatasetSampler
+            self.weights = torch.as_tensor(ImbalancedDatasetSampler(data).weights, dtype=torch.double)
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return 2 ** 62          # as many steps as a run asks for
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The tiles of ``epoch`` in the order they are drawn (one generator per epoch)."""
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            n = self.steps_per_epoch * self.batch_size
+            self._order = (torch.multinomial(self.weights, n, replacement=True, generator=g)
+                           if self.sampler == "balanced" else torch.randperm(len(self.data), generator=g)[:n])
+            self._epoch = epoch
+        return self._order
+
+    def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tile indices, positions in the global batch) of this rank's share of ``step``."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        idx = self.order(epoch)[j * self.batch_size:(j + 1) * self.batch_size].numpy()
+        pos = np.arange(len(idx))
+        return idx[self.rank::self.world], pos[self.rank::self.world]
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, pos = self.indices(step)
+        return default_collate([self.data.item(int(i), (self.seed, step, int(p))) for i, p in zip(idx, pos)])
 
 
 class BatchSampler:

@@ -10,12 +10,14 @@ attributes and methods (nothing to inherit):
                 evaluation, best/snapshot checkpoints); the task owns the maths of one step.
 ``Generator``   what draws synthetic tiles from a trained run: ``gan-generate``, the training-time
                 KID and ``piq-report --generator``. A GAN draws once from noise; a diffusion model
-                would run its sampler; a mask-conditioned generator takes masks as an option.
+                runs its sampler.
+``PairGenerator`` what draws synthetic image-mask pairs (pix2pix: new masks, painted).
 ``Translator``  what maps images of one domain to another (CycleGAN): ``gan-translate``, ``gan-eval``.
 ``Downstream``  what ``augment-compare`` trains in every arm x seed cell and how it is scored:
-                classification is the first (``classifier/downstream.py``). Its
-                :class:`MetricSpec` tells the report and the verdict which metrics exist, which is
-                primary, which way is better and where chance lies.
+                classification (``classifier/downstream.py``) and segmentation
+                (``segmentation/downstream.py``). Its :class:`MetricSpec` tells the report and the
+                verdict which metrics exist, which is primary, which way is better and where
+                chance lies; its :class:`Layout` what one sample of its data is.
 
 Where new things go (see the README's layout section): a generator family is one module in
 ``gans/families/`` that defines ``FAMILY`` (found by :mod:`gans.registry`, nothing to register)
@@ -161,6 +163,19 @@ class Generator(Protocol):
 
 
 @runtime_checkable
+class PairGenerator(Protocol):
+    """Draws synthetic image-mask pairs for segmentation: pair ``i`` of a call is a NEW mask drawn
+    from the training masks and an image painted for it, both from the random stream seeded by
+    ``seeds[i]`` (any pair can be drawn again alone). Returns (``B x 3 x S x S`` uint8 images,
+    ``B x S x S`` uint8 masks of class ids) on the CPU. ``options`` are family-specific (the mask
+    drawing method, the side S); unknown options are an error."""
+
+    image_size: int
+
+    def sample_pairs(self, seeds: Sequence[int], **options: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
 class Translator(Protocol):
     """Maps whole images between domains (any size; large images in blended tiles)."""
 
@@ -206,7 +221,8 @@ class MetricSpec:
 class TileSet:
     """Tiles with their labels, as a downstream task trains on them: ``images`` N x 3 x S x S
     uint8, ``labels`` N class indices into ``classes``, ``targets`` per-tile targets of any shape
-    (N x ...: e.g. masks; None for classification), ``synthetic`` which tiles are synthetic."""
+    (N x ...: segmentation masks N x S x S; None for classification), ``synthetic`` which tiles
+    are synthetic."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -218,43 +234,104 @@ class TileSet:
         return len(self.labels)
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One sample of a data folder: the files (relative to the folder) that belong together and
+    go to the same split, and the stratum a stratified split balances (the class; '' for none)."""
+
+    files: tuple[str, ...]
+    stratum: str = ""
+
+
+@runtime_checkable
+class Layout(Protocol):
+    """How a downstream task's data sits in a folder (``train/``, ``val/`` or ``test/``, or one
+    folder that is split): class folders for classification, ``images/`` + ``masks/`` pairs for
+    segmentation. The splitter moves whole samples, never parts of one."""
+
+    description: str
+
+    def samples(self, root: Path) -> list[Sample]:
+        """Every sample in ``root``, in a fixed order; a DataError says what is wrong with it."""
+        ...
+
+
+@runtime_checkable
+class SplitData(Protocol):
+    """A split (or a synthetic set) decoded by :meth:`Downstream.load`: its tiles as a
+    :class:`TileSet`, the files it was read from (relative to its folder; the leakage guard
+    hashes them) and how many of them identify a sample (``samples``: an image, not its mask)."""
+
+    classes: list[str]
+    files: list[str]
+
+    def __len__(self) -> int: ...
+
+    def class_counts(self) -> dict[str, int]: ...
+
+    def sample_files(self) -> list[str]: ...
+
+    def describe(self) -> str:
+        """One line for the report: how many samples, tiles, classes."""
+        ...
+
+    def tileset(self) -> TileSet: ...
+
+
 @runtime_checkable
 class Downstream(Protocol):
     """A downstream task of ``augment-compare`` (``task:`` in its config).
 
     ``config`` is the typed class of the compare config's ``downstream:`` section, ``spec`` its
-    metrics, ``chance(classes)`` the chance level of those that have one, ``augment_policies``
-    the names an arm's ``augment`` may take, ``smoke`` ``--set`` overrides of the section for a
-    seconds-long CPU run (the contract tests use them).
+    metrics, ``chance(classes)`` the chance level of those that have one, ``layout`` how its data
+    sit in a folder (what the splitter moves together), ``augment_policies`` the names an arm's
+    ``augment`` may take, ``class_balance`` whether arms may balance classes (sampler, class
+    weights), ``smoke`` ``--set`` overrides of the section for a seconds-long CPU run (the
+    contract tests use them).
 
-    The runner trains every arm x seed cell on the engine: ``build_task`` is the cell's
-    :class:`Task` (trained on ``train``, an arm's assembled set -- ``train.synthetic`` says which
-    tiles are synthetic, ``train.targets`` carries per-tile targets -- with the arm's augmentation
-    policy, sampler and class weights; its plan's criterion on ``val`` picks best.pt and early
-    stopping). ``score`` scores the best checkpoint on the real ``test`` split: a flat mapping
-    with every metric of ``spec`` plus any scalars worth a results.csv column; what plots need
-    beyond that it leaves in ``cell``. ``plots`` draws the task's own figures of the report
-    (``{title: file}``; the per-arm bars of every metric are the report's own).
+    ``load`` decodes a folder for a role (``train``, ``val``, ``test`` or ``synthetic``) into the
+    task's :class:`SplitData`, optionally stain-normalised. The runner trains every arm x seed cell
+    on the engine: ``build_task`` is the cell's :class:`Task` (trained on ``train``, an arm's
+    assembled set -- ``train.synthetic`` says which tiles are synthetic, ``train.targets`` carries
+    per-tile targets -- with the arm's augmentation policy, sampler and class weights; its plan's
+    criterion on ``val``, the loaded validation split, picks best.pt and early stopping).
+    ``score`` scores the best checkpoint on the loaded real ``test`` split: a flat mapping with
+    every metric of ``spec`` plus any scalars worth a results.csv column; what plots need beyond
+    that it leaves in ``cell``. ``plots`` draws the task's own figures of the report (``{title:
+    file}``; the per-arm bars of every metric are the report's own).
     """
 
     name: str
     config: type
     spec: MetricSpec
+    layout: Layout
     augment_policies: tuple[str, ...]
+    filters: tuple[str, ...]    # what a synthetic set's filter may select by (``by``)
+    class_balance: bool
+    synthesis: type             # the role a generator stage's run must play: Generator, PairGenerator
+    test_unit: str              # what one test sample is called in the verdict: tiles, images
     smoke: tuple[str, ...]
 
     def chance(self, classes: Sequence[str]) -> dict[str, float]: ...
 
-    def image_size(self, cfg: Any) -> int: ...
+    def load(self, cfg: Any, root: Path, role: str, cache_dir: Path | None, progress: bool,
+             stain: Any = None) -> SplitData: ...
 
     def describe(self, cfg: Any) -> str: ...
+
+    def select(self, cfg: Any, spec: Any, source: Path, train_root: Path, out: Path, need: dict[str, int],
+               cache_dir: Path | None, progress: bool) -> dict:
+        """Write the best of synthetic set ``source`` into ``out`` by ``spec`` (a
+        :class:`~metrics.selection.FilterConfig`), scored by a model trained on ``train_root``
+        only, with a source.json the leakage guard reads; ``need``: what must pass, per class."""
+        ...
 
     def runtime(self, cfg: Any) -> Any:
         """The :class:`~histosynth.runtime.Runtime` (device, precision, layout) cells train on."""
         ...
 
-    def build_task(self, cfg: Any, arm: Any, seed: int, train: TileSet, val: TileSet, rt: Any) -> Task: ...
+    def build_task(self, cfg: Any, arm: Any, seed: int, train: TileSet, val: SplitData, rt: Any) -> Task: ...
 
-    def score(self, cfg: Any, best: dict, train: TileSet, test: TileSet, cell: Path) -> dict[str, float]: ...
+    def score(self, cfg: Any, best: dict, train: TileSet, test: SplitData, cell: Path) -> dict[str, float]: ...
 
     def plots(self, summary: dict, rows: list[dict], out: Path) -> dict[str, str]: ...

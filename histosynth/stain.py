@@ -3,6 +3,9 @@ per-stain optical density by colour deconvolution (scikit-image's ``rgb2hed``, R
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -37,6 +40,46 @@ class ReinhardStain:
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         return self.norm.normalize(_chw(rgb)).numpy()          # H x W x 3 uint8
+
+
+NORMALISERS = {"macenko": MacenkoStain, "reinhard": ReinhardStain}
+STAIN_METHODS = ("none", *NORMALISERS)
+
+
+class StainNormaliser:
+    """``method`` (macenko | reinhard) fitted to ``reference`` (``H x W x 3`` uint8: one image, or
+    a mosaic of training tiles). ``key`` identifies it (method + reference pixels) in cache keys.
+    Calling it on an image it cannot normalise (too little stained tissue for Macenko's stain
+    vectors) raises; callers keep such an image as it is and count it."""
+
+    def __init__(self, method: str, reference: np.ndarray):
+        if method not in NORMALISERS:
+            raise ValueError(f"unknown stain normalisation {method!r}; choose one of {', '.join(NORMALISERS)}")
+        ref = np.ascontiguousarray(reference, dtype=np.uint8)
+        self.method, self.reference = method, ref
+        self.key = f"{method}:{hashlib.sha256(str(ref.shape).encode() + ref.tobytes()).hexdigest()[:16]}"
+        self._fn = NORMALISERS[method](ref)
+
+    @classmethod
+    def from_file(cls, method: str, path: str | Path) -> "StainNormaliser":
+        from histosynth.images import open_rgb
+        return cls(method, np.asarray(open_rgb(path)))
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        return self._fn(rgb)
+
+
+def reference_mosaic(tiles: np.ndarray, count: int = 16, side: int = 4) -> np.ndarray:
+    """A ``side x side`` mosaic (``H x W x 3`` uint8) of ``count`` tiles spread evenly over
+    ``tiles`` (``N x 3 x S x S`` uint8, e.g. the training split): what a normaliser is fitted to
+    when it must see the training images only, and more than one of them."""
+    n = len(tiles)
+    pick = np.linspace(0, n - 1, min(count, n)).round().astype(int)
+    chosen = [np.asarray(tiles[i]).transpose(1, 2, 0) for i in pick]
+    while len(chosen) < side * side:
+        chosen.append(chosen[len(chosen) % len(pick)])
+    rows = [np.concatenate(chosen[r * side:(r + 1) * side], axis=1) for r in range(side)]
+    return np.concatenate(rows, axis=0)
 
 
 STAIN_CHANNELS = ("hematoxylin", "eosin", "dab")

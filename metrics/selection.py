@@ -44,9 +44,11 @@ BY = ("confidence", "centroid", "both")
 
 @dataclass
 class FilterConfig:
-    by: Literal["confidence", "centroid", "both"] = "confidence"
-    """Score: the classifier's confidence in the intended class, the distance to the class
-    centroid in its feature space, or both (mean percentile rank)."""
+    by: Literal["confidence", "centroid", "both", "agreement"] = "confidence"
+    """Score. Classification: the classifier's confidence in the intended class, the distance to
+    the class centroid in its feature space, or both (mean percentile rank). Segmentation:
+    ``agreement``, the Dice of a real-trained U-Net's prediction with the drawn mask
+    (segmentation/selection.py)."""
     keep: Optional[float] = 0.5
     """Share of each class's candidates kept (best first); candidates = needed / keep."""
     min_confidence: Optional[float] = None

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from classifier.data import ClassFolders
 from experiments.assemble import AssemblyError, assemble, synthetic_counts
 from experiments.augment_compare import main as compare_main, run_compare
 from experiments.config import CompareConfig, SyntheticConfig
@@ -107,6 +108,12 @@ def test_shipped_compare_configs_load():
         assert cfg.report.baseline in [a.name for a in cfg.arms]
         assert any(a.labels == "shuffled" for a in cfg.arms)
     assert len(configlib.load(CompareConfig, "compare")[0].seeds) >= 5
+    for name in ("compare_monuseg", "compare_monuseg_gpu"):
+        cfg = configlib.load(CompareConfig, name)[0]
+        assert cfg.task == "segmentation" and cfg.report.primary == "dice"
+        assert {a.augment for a in cfg.arms} >= {"flip_rot90", "classic"} and any(a.stain_norm != "none" for a in cfg.arms)
+        assert any(a.synthetic.filter is not None for a in cfg.arms)
+    assert len(configlib.load(CompareConfig, "compare_monuseg_gpu")[0].seeds) >= 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +128,7 @@ def test_group_split_keeps_every_group_in_one_split(crc_mini, tmp_path):
         for i, rel in enumerate(files):
             w.writerow([rel, f"g{i // 2}"])                  # pairs of near-duplicates
     cfg = _cfg(f"data.root={crc_mini}", f"data.groups={tmp_path / 'groups.csv'}", "data.test_fraction=0.25")
-    splits = resolve_splits(cfg.data, tmp_path / "out")
+    splits = resolve_splits(cfg.data, tmp_path / "out", ClassFolders())
     assert splits.method == "groups"
     rows = list(csv.DictReader(open(tmp_path / "out" / "splits" / "split.csv")))
     where = {}
@@ -129,7 +136,7 @@ def test_group_split_keeps_every_group_in_one_split(crc_mini, tmp_path):
         where.setdefault(r["group_id"], set()).add(r["split"])
     assert all(len(s) == 1 for s in where.values())
     assert {r["split"] for r in rows} == {"train", "val", "test"}
-    again = resolve_splits(cfg.data, tmp_path / "out2")
+    again = resolve_splits(cfg.data, tmp_path / "out2", ClassFolders())
     assert list(csv.DictReader(open(tmp_path / "out2" / "splits" / "split.csv"))) == rows
     assert again.roots["train"].is_dir()
 

@@ -216,10 +216,10 @@ def test_translate_and_generate_refuse_the_wrong_family(cycle_run, trained_run, 
     from gans.generate import main as generate_main
     assert translate_main(["--run", str(trained_run), "--input", str(tmp_path), "--out",
                            str(tmp_path / "o"), "--direction", "a2b"]) == 2
-    assert "is a sngan run, which draws tiles rather than translating images; use gan-generate" \
-        in capsys.readouterr().err
+    assert ("is a sngan run, which draws tiles (gan-generate, piq-report --generator); this command needs one "
+            "that translates images between domains") in capsys.readouterr().err
     assert generate_main(["--run", str(cycle_run), "--per-class", "1", "--out", str(tmp_path / "g")]) == 2
-    assert "is a cyclegan run, which translates images rather than drawing tiles; use gan-translate" \
+    assert "is a cyclegan run, which translates images between domains (gan-translate, gan-eval)" \
         in capsys.readouterr().err
     assert not (tmp_path / "g").exists() and not (tmp_path / "o").exists()
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from histosynth.data import BatchSampler, TileCache, flip_rot90
+from histosynth.stain import StainNormaliser
 from histosynth.images import (DataError, SkippedFilesWarning, UnreadableImage, read_rgb8,
                                scan_image_folder)
 
@@ -110,7 +111,8 @@ def test_macenko_normalisation_changes_colour_but_not_shape(tile_folder):
     plain = TileCache.build(tile_folder, 32, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        norm = TileCache.build(tile_folder, 32, stain_norm="macenko", progress=False)
+        ref = scan_image_folder(tile_folder)[1][0][0]
+        norm = TileCache.build(tile_folder, 32, StainNormaliser.from_file("macenko", ref), progress=False)
     assert norm.images.shape == plain.images.shape
     assert np.abs(norm.images.astype(int) - plain.images.astype(int)).mean() > 1.0
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,10 +17,9 @@ from gans.train_gan import load_config
 from histosynth import config as configlib
 from histosynth.checkpoint import safe_load
 from histosynth.config import PROJECT_ROOT
-from histosynth.data import TileCache
 from histosynth.engine import RunDir, deterministic, load_checkpoint, train
 from histosynth.registry import downstream_tasks
-from histosynth.roles import Criterion, LRSchedule, Plan, Task, TileSet
+from histosynth.roles import Criterion, LRSchedule, Plan, Task
 from histosynth.runtime import Runtime
 
 CPU = Runtime.from_choices("cpu", "off", "off")
@@ -206,15 +204,23 @@ def _family_case(name: str):
     return name, cfg, lambda rt: fam.build_task(cfg, data, rt), rt, t.seed
 
 
-def _downstream_case(name: str, tiles):
+def _downstream_case(name: str, folders):
+    """The task on the first test folder in its layout (class folders, image-mask pairs), trained
+    on it and validated on it (a contract test, not a measurement)."""
     from experiments.config import ArmConfig
     task = downstream_tasks()[name]
     cfg = configlib.load(task.config, None, list(task.smoke))[0]
-    cache = TileCache.build(tiles, task.image_size(cfg), progress=False).tileset()
-    half = np.arange(len(cache)) % 2 == 0
-    train_set, val = [TileSet(cache.images[m], cache.labels[m], cache.classes, None, np.zeros(m.sum(), bool))
-                      for m in (half, ~half)]
+    folder = next(f for f in folders if _fits(task.layout, f))
+    data, val = (task.load(cfg, folder, role, None, False) for role in ("train", "val"))
+    train_set = data.tileset()
     return name, cfg, lambda rt: task.build_task(cfg, ArmConfig(), 0, train_set, val, rt), task.runtime(cfg), 0
+
+
+def _fits(layout, folder) -> bool:
+    try:
+        return bool(layout.samples(folder))
+    except Exception:
+        return False
 
 
 CASES = [("family", n) for n in list_families()] + [("downstream", n) for n in downstream_tasks()]
@@ -223,7 +229,7 @@ CASES = [("family", n) for n in list_families()] + [("downstream", n) for n in d
 @pytest.fixture
 def case(request, crc_mini):
     kind, name = request.param
-    return _family_case(name) if kind == "family" else _downstream_case(name, crc_mini)
+    return _family_case(name) if kind == "family" else _downstream_case(name, [crc_mini, PROJECT_ROOT / "data" / "monuseg_demo" / "train"])
 
 
 @pytest.mark.parametrize("case", CASES, indirect=True, ids=[f"{k}:{n}" for k, n in CASES])
@@ -307,7 +313,9 @@ FAMILY = adversarial_family("toygan", lambda image_size, num_classes, z_dim, ch:
 TOY_TASK = '''
 import numpy as np
 import torch
-from histosynth.roles import Criterion, Metric, MetricSpec, Plan
+from classifier.data import ClassFolders
+from histosynth.data import TileCache
+from histosynth.roles import Criterion, Generator, Metric, MetricSpec, Plan
 from histosynth.runtime import Runtime
 
 
@@ -348,8 +356,9 @@ def accuracy(net, data):
 
 
 class MeanColour:
-    name, augment_policies, smoke = "mean_colour", ("none",), ()
+    name, augment_policies, smoke, filters, class_balance, test_unit = "mean_colour", ("none",), (), (), True, "tiles"
     spec = MetricSpec((Metric("accuracy", "accuracy"),), primary="accuracy", control="accuracy")
+    layout, synthesis = ClassFolders(), Generator          # class folders; class-conditional generators
 
     from dataclasses import dataclass as _dc
 
@@ -360,8 +369,11 @@ class MeanColour:
     def chance(self, classes):
         return {"accuracy": 1 / len(classes)}
 
-    def image_size(self, cfg):
-        return 32
+    def load(self, cfg, root, role, cache_dir, progress, stain=None):
+        return TileCache.build(root, 32, stain, cache_dir, progress)
+
+    def select(self, cfg, spec, source, train_root, out, need, cache_dir, progress):
+        raise AssertionError("filters = (): a config with a filter is refused before this")
 
     def describe(self, cfg):
         return f"a linear layer on the mean colour, {cfg.epochs} epochs"

@@ -15,6 +15,7 @@ from gans.generate import main as generate_main
 from gans.registry import adversarial_families, create_model, families
 from gans.train_gan import load_config, main as train_main, train_gan
 from histosynth.config import ConfigError
+from histosynth.roles import Generator
 from histosynth.runtime import Runtime
 
 CPU = Runtime.from_choices("cpu", "off", "off")
@@ -125,7 +126,7 @@ def test_diffusion_config_errors_name_the_key(tmp_path, capsys):
     assert train_main(["--cfg", "diffusion", "--out", str(tmp_path / "r"), "--set", "sample.scheduler=euler"]) == 2
     err = capsys.readouterr().err
     assert "sample.scheduler" in err and "'dpm_solver++'" in err and not (tmp_path / "r").exists()
-    assert families()["diffusion"].class_conditional(load_config("diffusion", [])[0])
+    assert families()["diffusion"].draws(load_config("diffusion", [])[0]) is Generator
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from histosynth import config as configlib
 from histosynth.config import ConfigError, require
 from histosynth.data import BatchSampler, TileCache, flip_rot90, to_uint8, to_unit_range
 from histosynth.engine import module_state, require_divisible
-from histosynth.roles import Criterion, Grid, LRSchedule, Plan
+from histosynth.roles import Criterion, Generator, Grid, LRSchedule, Plan
 from histosynth.runtime import Runtime, eval_mode
 
 SCHEDULERS = ("ddim", "dpm_solver++")
@@ -342,4 +342,4 @@ FAMILY = Family(
            "train.device=cpu", "sample.steps=3"),
     inputs=classdata.inputs, load_data=classdata.load_data, provenance=classdata.provenance,
     build_task=DiffusionTask, from_checkpoint=_from_checkpoint,
-    class_conditional=lambda cfg: cfg.model.conditioning == "class", cpu_bf16=False)
+    draws=lambda cfg: Generator if cfg.model.conditioning == "class" else None, cpu_bf16=False)
