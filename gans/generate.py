@@ -1,13 +1,17 @@
-"""gan-generate: write N synthetic tiles per class from a trained run as an ImageFolder tree.
+"""gan-generate: write N synthetic tiles per class from a trained run as an ImageFolder tree, or
+N image-mask pairs from a pair generator (pix2pix) as a pairs folder.
 
     gan-generate --run runs/sngan --per-class 50 --out synth/
     gan-generate --run runs/sngan --per-class 50 --out synth/ --filter confidence --keep 0.5 --train data/train
+    gan-generate --run runs/pix2pix --per-class 200 --out pairs/ --option masks=place
 
 Writes ``OUT/<class>/<class>_00000.png ...`` and ``OUT/manifest.csv`` with one row per tile: file,
 class, seed (the tile's own noise seed: the same seed gives the same tile), checkpoint sha256,
 step, family and the tile's own sha256 (so later stages can verify the set is untouched), and
 ``OUT/source.json``: the generator's run and the sha256 of every file it was trained on (so
-augment-compare can refuse a generator that saw validation or test images).
+augment-compare can refuse a generator that saw validation or test images). A pair generator
+writes OUT/images/pair_00000.png and OUT/masks/pair_00000.png (a manifest row for each, class
+``pairs``) and OUT/preview.png (drawn mask | painted image | nearest real training tile).
 Also runs as ``python -m gans.generate``.
 """
 
@@ -18,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -27,7 +33,7 @@ from histosynth.checkpoint import atomic_write_csv, atomic_write_text, sha256_fi
 from histosynth.cli import run_cli
 from histosynth.engine import run_inputs
 from histosynth.paths import claim_output_dir, safe_name
-from histosynth.roles import Generator
+from histosynth.roles import Generator, PairGenerator
 from histosynth.runtime import resolve_device
 
 MANIFEST_FIELDS = ["file", "class", "seed", "checkpoint_sha256", "step", "family", "sha256"]
@@ -46,7 +52,13 @@ def generate(run: str | Path, out: str | Path, per_class: int | dict[str, int], 
         raise configlib.ConfigError("--per-class", f"must be >= 1, got {per_class}")
     if batch_size < 1:
         raise configlib.ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
-    gen, ck, ck_path = load_run(run, Generator, checkpoint, weights, resolve_device(device))
+    gen, ck, ck_path = load_run(run, (Generator, PairGenerator), checkpoint, weights, resolve_device(device))
+    if isinstance(gen, PairGenerator):
+        n = sum(counts.values()) if counts is not None else per_class
+        if n < 1:
+            raise configlib.ConfigError("--per-class", f"asks for no pair (got {per_class})")
+        out = claim_output_dir(out, overwrite, inputs=run_inputs(run))
+        return generate_pairs(gen, run, out, n, seed, ck, sha256_file(ck_path), batch_size, progress, options or {})
     classes = [safe_name(c, "class name (from the checkpoint)") for c in gen.classes]
     out = claim_output_dir(out, overwrite, inputs=run_inputs(run))
     ck_sha = sha256_file(ck_path)
@@ -76,6 +88,80 @@ def generate(run: str | Path, out: str | Path, per_class: int | dict[str, int], 
     return manifest
 
 
+def generate_pairs(gen: PairGenerator, run: str | Path, out: Path, n: int, seed: int, ck: dict, ck_sha: str,
+                   batch_size: int, progress: bool, options: dict) -> Path:
+    """``n`` image-mask pairs as a pairs folder: OUT/images/pair_00000.png, OUT/masks/..., a
+    manifest row per file (pair ``k`` uses seed ``seed + k``: its mask and its painting),
+    source.json, and OUT/preview.png: drawn mask | painted image | the nearest real training tile."""
+    from segmentation.data import PAIRS, write_pair
+
+    rows, previews = [], []
+    bar = tqdm(total=n, desc="generating", unit="pair", disable=not progress)
+    for start in range(0, n, batch_size):
+        seeds = list(range(seed + start, seed + min(n, start + batch_size)))
+        images, masks = gen.sample_pairs(seeds, **options)
+        for k, s, img, mask in zip(range(start, start + len(seeds)), seeds, images.permute(0, 2, 3, 1).numpy(),
+                                   masks.numpy()):
+            for rel in write_pair(out, f"pair_{k:05d}", img, mask):
+                rows.append({"file": rel, "class": PAIRS, "seed": s, "checkpoint_sha256": ck_sha,
+                             "step": int(ck["step"]), "family": ck["task"], "sha256": sha256_file(out / rel)})
+            if len(previews) < PREVIEW_PAIRS:
+                previews.append((img, mask))
+        bar.update(len(seeds))
+    bar.close()
+    manifest = out / "manifest.csv"
+    atomic_write_csv(manifest, rows, MANIFEST_FIELDS)
+    atomic_write_text(out / "source.json", json.dumps(_source(run, ck, ck_sha), indent=1))
+    _pair_preview(previews, run, out / "preview.png")
+    return manifest
+
+
+PREVIEW_PAIRS = 6
+
+
+def _pair_preview(pairs: list[tuple], run: str | Path, path: Path) -> None:
+    """Rows of drawn mask | painted image | nearest real training tile (L2 over 32 x 32 RGB
+    thumbnails: a painted image that copies a training tile shows it at once)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from segmentation.data import load_pairs
+
+    real = None
+    info = json.loads((Path(run) / "data.json").read_text()) if (Path(run) / "data.json").is_file() else {}
+    side = pairs[0][0].shape[0]
+    if info.get("root") and Path(info["root"]).is_dir():
+        try:
+            real = np.asarray(load_pairs(info["root"], side, progress=False).images)     # N x 3 x S x S
+        except Exception:          # the training data moved or changed: no neighbours to show
+            real = None
+
+    def thumbs(x: np.ndarray) -> np.ndarray:           # N x 3 x S x S uint8 -> N x (3*32*32) float
+        t = torch.nn.functional.interpolate(torch.from_numpy(x).float(), size=32, mode="area")
+        return t.flatten(1).numpy()
+
+    cols = 3 if real is not None else 2
+    fig, axes = plt.subplots(len(pairs), cols, figsize=(2.4 * cols, 2.4 * len(pairs)), squeeze=False)
+    if real is not None:
+        tr = thumbs(real)
+    for row, (img, mask) in zip(axes, pairs):
+        row[0].imshow(mask, cmap="gray", vmin=0, vmax=1)
+        row[1].imshow(img)
+        if real is not None:
+            d = ((tr - thumbs(img.transpose(2, 0, 1)[None])) ** 2).sum(1)
+            j = int(d.argmin())
+            row[2].imshow(real[j].transpose(1, 2, 0))
+            row[2].set_title(f"nearest real (RMS difference {np.sqrt(d[j] / tr.shape[1]):.0f} / 255)", fontsize=7)
+    axes[0][0].set_title("drawn mask", fontsize=8)
+    axes[0][1].set_title("painted", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def generate_selected(args: argparse.Namespace, options: dict) -> dict:
     """``--filter``: OUT/candidates (every generated tile), OUT/selected (the kept ones)."""
     from metrics.selection import FilterConfig, select_folder
@@ -85,9 +171,19 @@ def generate_selected(args: argparse.Namespace, options: dict) -> dict:
                                                "classifier learns from (never validation or test)")
     spec = configlib.build(FilterConfig, {"by": args.filter, "keep": None if args.min_confidence is not None else args.keep,
                                           "min_confidence": args.min_confidence})
+    pairs = isinstance(load_run(args.run, (Generator, PairGenerator), args.checkpoint)[0], PairGenerator)
+    if pairs != (spec.by == "agreement"):
+        raise configlib.ConfigError("--filter", f"{args.run} draws {'image-mask pairs' if pairs else 'tiles'}: select "
+                                                f"them with {'agreement' if pairs else 'confidence, centroid or both'}")
     out = claim_output_dir(args.out, args.overwrite, inputs={**run_inputs(args.run), "--train": args.train})
     generate(args.run, out / "candidates", spec.candidates(args.per_class), args.seed, args.weights, args.batch_size,
              False, args.device, not args.no_progress, args.checkpoint, options)
+    if pairs:       # scored by a U-Net of the default segmenter config, trained on --train into OUT/selector
+        from histosynth.data import default_cache_dir
+        from segmentation.config import SegmenterConfig
+        from segmentation.selection import select_pairs
+        return select_pairs(out / "candidates", out / "selected", args.train, spec, SegmenterConfig(),
+                            out / "selector", default_cache_dir(), not args.no_progress)
     return select_folder(out / "candidates", out / "selected", args.train, spec, progress=not args.no_progress)
 
 
@@ -119,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gan-generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run directory written by train-gan")
-    p.add_argument("--per-class", type=int, required=True, help="tiles per class")
+    p.add_argument("--per-class", type=int, required=True, help="tiles per class (a pair generator: pairs)")
     p.add_argument("--out", required=True, help="output folder (ImageFolder tree + manifest.csv)")
     p.add_argument("--seed", type=int, default=0, help="first noise seed (tile k uses seed + k)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema",
@@ -132,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="a sampling option of the family (diffusion: scheduler=ddim, steps=50, "
                         "guidance_scale=3); repeatable")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--filter", choices=["confidence", "centroid", "both"],
+    p.add_argument("--filter", choices=["confidence", "centroid", "both", "agreement"],
                    help="selective augmentation: generate per-class / --keep candidates into OUT/candidates, "
-                        "keep the best by a classifier trained on --train into OUT/selected (metrics/selection.py)")
+                        "keep the best by a classifier trained on --train into OUT/selected (metrics/selection.py); "
+                        "pairs: agreement, by a U-Net trained on --train (segmentation/selection.py)")
     p.add_argument("--keep", type=float, default=0.5, help="with --filter: share of candidates kept (default 0.5)")
     p.add_argument("--min-confidence", type=float, default=None,
                    help="with --filter confidence: keep every tile at least this confident instead of a share")
@@ -149,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.filter is None:
             manifest = generate(args.run, args.out, args.per_class, args.seed, args.weights, args.batch_size,
                                 args.overwrite, args.device, not args.no_progress, args.checkpoint, options)
-            print(f"gan-generate: wrote {args.per_class} tiles per class to {args.out}; manifest {manifest}")
+            print(f"gan-generate: wrote {args.per_class} tiles per class (pairs) to {args.out}; manifest {manifest}")
             return 0
         summary = generate_selected(args, options)
         kept = ", ".join(f"{c} {n['kept']}/{n['candidates']}" for c, n in summary["counts"].items())

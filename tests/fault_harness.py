@@ -4,9 +4,11 @@
     python tests/fault_harness.py --jobs dcgan compare --kills 3        # a subset (what CI runs)
 
 For each job (dcgan, sngan, wgan_gp, cyclegan, acgan (sngan with an auxiliary classifier),
-diffusion (with KID evaluations and best.pt): train-gan; ddp_wgan_gp: train-gan on 2 gloo
-processes under torchrun, the whole process tree killed as a pre-empted job is; classifier: an
-augment-compare cell killed mid-training; compare: a 2 x 2 augment-compare run) the harness runs it once uninterrupted,
+diffusion (with KID evaluations and best.pt), pix2pix (mask -> image pairs): train-gan;
+ddp_wgan_gp: train-gan on 2 gloo processes under torchrun, the whole process tree killed as a
+pre-empted job is; classifier: an augment-compare cell killed mid-training; compare: a 2 x 2
+augment-compare run; segmentation: augment-compare with task: segmentation, a U-Net cell and a
+stain-normalised one) the harness runs it once uninterrupted,
 then again under fire (as many runs as it takes to land the kills): each attempt is SIGKILLed either after a random delay or, every other
 attempt, inside an atomic write (HISTOSYNTH_FAILPOINT: after the temporary file is written,
 before it replaces the target; injected by tests/failpoint/sitecustomize.py, which the harness
@@ -39,6 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 SHARED = Path(os.environ.get("HISTOSYNTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
 TILES = SHARED / "crc_mini" if (SHARED / "crc_mini").is_dir() else ROOT / "data" / "lung_demo" / "train"
+PAIRS = ROOT / "data" / "monuseg_demo"
 STAIN = ((SHARED / "stain" / "trainA_he", SHARED / "stain" / "trainB_ihc") if (SHARED / "stain").is_dir()
          else (ROOT / "data/lung_demo/train/lung_aca", ROOT / "data/lung_demo/train/lung_n"))
 
@@ -73,10 +76,10 @@ def kill_tree(pid: int) -> list[int]:
     return tree
 
 
-def _gan_job(family: str, procs: int = 1, **extra):
-    """train-gan of ``family`` from its own smoke settings, longer, on the harness's tiles."""
+def _gan_job(family: str, procs: int = 1, root: Path = TILES, **extra):
+    """train-gan of ``family`` from its own smoke settings, longer, on the harness's tiles (or pairs)."""
     from gans.registry import families
-    sets = [*families()[family].smoke, f"data.root={TILES}", f"train.steps={200 if procs == 1 else 60}",
+    sets = [*families()[family].smoke, f"data.root={root}", f"train.steps={200 if procs == 1 else 60}",
             "train.checkpoint_every=4", "train.sample_every=50", "train.log_every=2",
             *(f"{k}={v}" for k, v in extra.items())]
     launch = [sys.executable, "-m", "gans.train_gan"] if procs == 1 else [
@@ -106,13 +109,27 @@ def _cyclegan_job():
 
 
 def _compare_job(arms: str, seeds: str, epochs: int):
-    sets = [f"data.root={TILES}", "data.split=stratified", "generators={}", f"arms={arms}", f"seeds={seeds}",
-            "downstream.model.image_size=32", "downstream.model.bn_momentum=0.5", "downstream.train.batch_size=8",
-            f"downstream.train.epochs={epochs}", "downstream.train.patience=0", "downstream.train.min_epochs=0",
-            "downstream.train.device=cpu"]
+    return _compare_run("compare_demo", [
+        f"data.root={TILES}", "data.split=stratified", "generators={}", f"arms={arms}", f"seeds={seeds}",
+        "downstream.model.image_size=32", "downstream.model.bn_momentum=0.5", "downstream.train.batch_size=8",
+        f"downstream.train.epochs={epochs}", "downstream.train.patience=0", "downstream.train.min_epochs=0",
+        "downstream.train.device=cpu"])
 
+
+def _segmentation_job():
+    """augment-compare with task: segmentation on the demo pairs: a U-Net cell and a
+    stain-normalised one (its reference mosaic and normalised caches written on the way)."""
+    return _compare_run("compare_monuseg", [
+        f"data.root={PAIRS}", "generators={}", "seeds=[0]",
+        "arms=[{name: real_only, augment: classic}, {name: stain_norm, stain_norm: macenko}]",
+        "downstream.model.tile_size=128", "downstream.model.image_size=64", "downstream.train.steps=40",
+        "downstream.train.batch_size=4", "downstream.train.evaluate_every=5", "downstream.train.warmup_steps=4",
+        "downstream.train.device=cpu", "downstream.eval.window=256"])
+
+
+def _compare_run(config: str, sets: list[str]):
     def start(out):
-        return [sys.executable, "-m", "experiments.augment_compare", "--cfg", "compare_demo", "--out", str(out),
+        return [sys.executable, "-m", "experiments.augment_compare", "--cfg", config, "--out", str(out),
                 "--no-progress", *_sets(sets)]
     return start, start, _compare_final, False
 
@@ -125,6 +142,8 @@ JOBS = {
                                               "train.diffaugment": "''"}),
     "diffusion": lambda: _gan_job("diffusion", **{"train.steps": 100, "train.kid_every": 20, "train.kid_samples": 8}),
     "ddp_wgan_gp": lambda: _gan_job("wgan_gp", procs=2),
+    "pix2pix": lambda: _gan_job("pix2pix", root=PAIRS / "train", **{"train.steps": 60}),
+    "segmentation": _segmentation_job,
     "classifier": lambda: _compare_job("[{name: real_only, augment: classic}]", "[0]", 12),
     "compare": lambda: _compare_job("[{name: real_only}, {name: balanced, sampler: balanced}]", "[0, 1]", 4),
 }

@@ -10,7 +10,7 @@ from histosynth.config import ConfigError
 
 def test_registry_lists_the_families():
     assert set(adversarial_families()) >= {"dcgan", "sngan", "wgan_gp"}
-    assert set(list_families()) == set(adversarial_families()) | {"cyclegan", "diffusion"}
+    assert set(list_families()) == set(adversarial_families()) | {"cyclegan", "diffusion", "pix2pix"}
 
 
 @pytest.mark.parametrize("family", adversarial_families())

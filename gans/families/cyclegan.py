@@ -175,11 +175,12 @@ class ResnetGenerator(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """PatchGAN: B x 3 x H x W -> B x 1 x H/8-2 x W/8-2 real/fake scores (70x70 receptive field)."""
+    """PatchGAN: B x C x H x W -> B x 1 x H/8-2 x W/8-2 real/fake scores (70x70 receptive field);
+    C = ``in_ch``: 3 for an image, 4 for pix2pix's mask beside its image."""
 
-    def __init__(self, ndf: int = 64, n_layers: int = 3):
+    def __init__(self, ndf: int = 64, n_layers: int = 3, in_ch: int = 3):
         super().__init__()
-        layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        layers = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         c = ndf
         for i in range(1, n_layers + 1):
             out = ndf * min(2 ** i, 8)

@@ -1,0 +1,226 @@
+"""Segmentation: pairs data (matching, bad pairs, tiles, cache, val carved by image), metrics
+against hand-computed values, mask drawing, pix2pix pairs, and augment-compare with task:
+segmentation end to end (real MoNuSeg crops bundled in data/monuseg_demo)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments.augment_compare import run_compare
+from experiments.config import CompareConfig
+from experiments.splits import resolve_splits
+from histosynth import config as configlib
+from histosynth.config import PROJECT_ROOT
+from histosynth.images import DataError, SkippedFilesWarning
+from segmentation.data import PairsLayout, load_pairs, read_mask, tile_starts
+from segmentation.masks import MaskDrawer
+from segmentation.metrics import aji, dice_iou, panoptic_quality, segmentation_metrics
+
+DEMO = PROJECT_ROOT / "data" / "monuseg_demo"
+
+
+@pytest.fixture
+def pairs(tmp_path) -> Path:
+    """A writable copy of the demo pairs (12 train, 4 test with instance maps)."""
+    return Path(shutil.copytree(DEMO, tmp_path / "monuseg"))
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics, by hand
+
+TRUTH = np.array([[1, 1, 0, 0, 2, 2],
+                  [1, 1, 0, 0, 2, 2],
+                  [0, 0, 0, 0, 0, 0],
+                  [3, 3, 3, 0, 0, 0],
+                  [3, 3, 3, 0, 0, 0],
+                  [0, 0, 0, 0, 0, 0]])
+PRED = np.array([[1, 1, 1, 0, 0, 0],
+                 [1, 1, 1, 0, 0, 0],
+                 [0, 0, 0, 0, 0, 0],
+                 [2, 2, 0, 0, 4, 4],
+                 [2, 2, 0, 0, 4, 4],
+                 [0, 0, 0, 0, 0, 0]])
+
+
+def test_metrics_equal_hand_computed_values():
+    # binary: 14 true px, 14 predicted, 8 shared -> Dice 16/28, IoU 8/20, accuracy 24/36
+    d, i = dice_iou(PRED > 0, TRUTH > 0)
+    assert d == pytest.approx(16 / 28) and i == pytest.approx(8 / 20)
+    # AJI: G1~P1 (4 / 6), G3~P2 (4 / 6), G2 unmatched (+4 to the union), P4 unused (+4): 8 / 20
+    assert aji(TRUTH, PRED) == pytest.approx(8 / 20)
+    # PQ: two matches at IoU 2/3 (SQ 2/3), one false negative, one false positive: RQ 2/3
+    assert panoptic_quality(TRUTH, PRED) == pytest.approx({"pq": 4 / 9, "sq": 2 / 3, "rq": 2 / 3})
+    m = segmentation_metrics([PRED > 0], [TRUTH > 0], [TRUTH], split="components", min_size=0)
+    assert m["dice"] == pytest.approx(16 / 28) and m["pixel_accuracy"] == pytest.approx(24 / 36)
+    assert m["aji"] == pytest.approx(8 / 20) and m["pq"] == pytest.approx(4 / 9)
+    assert dice_iou(np.zeros((3, 3)), np.zeros((3, 3))) == (1.0, 1.0)        # nothing to find, nothing found
+    assert aji(TRUTH, TRUTH) == 1.0 and panoptic_quality(TRUTH, TRUTH)["pq"] == 1.0
+
+
+def test_watershed_splits_two_touching_nuclei():
+    from segmentation.metrics import instances
+    yy, xx = np.mgrid[:40, :60]
+    two = ((yy - 20) ** 2 + (xx - 20) ** 2 < 12 ** 2) | ((yy - 20) ** 2 + (xx - 41) ** 2 < 12 ** 2)
+    assert instances(two, "components").max() == 1 and instances(two, "watershed").max() == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# pairs data
+
+
+def test_demo_pairs_load_as_tiles_and_whole_images():
+    assert tile_starts(1000, 256) == [0, 248, 496, 744] and tile_starts(256, 256) == [0]
+    train = load_pairs(DEMO / "train", 256, progress=False)
+    assert train.images.shape == (12 * 4, 3, 256, 256) and train.masks.shape == (48, 256, 256)
+    assert set(np.unique(train.masks)) == {0, 1} and 0.1 < train.masks.mean() < 0.5     # nuclei, 0/1
+    test = load_pairs(DEMO / "test", None, progress=False)
+    assert len(test) == 4 and test.images[0].shape == (3, 384, 384) and test.instances is not None
+    assert test.instances[0].max() > 20 and ((test.instances[0] > 0) == (test.masks[0] > 0)).mean() > 0.95
+    assert sorted(test.sample_files()) == sorted(f"images/{p.name}" for p in (DEMO / "test" / "images").iterdir())
+
+
+def test_bad_pairs_each_get_one_line_and_the_good_ones_all_load(pairs):
+    root = pairs / "train"
+    img = sorted((root / "images").iterdir())[0]
+    mask = np.asarray(Image.open(root / "masks" / f"{img.stem}.png"))
+    bad = {"size": Image.fromarray(mask[:200, :200]),                            # another size
+           "grey": Image.fromarray((np.linspace(0, 255, mask.size) .reshape(mask.shape)).astype(np.uint8)),
+           "rgb": Image.fromarray(np.stack([mask] * 3, -1)),                    # an RGB mask
+           "odd": Image.fromarray(np.where(mask > 0, 128, 0).astype(np.uint8))}  # values 0/128
+    for name, m in bad.items():
+        shutil.copy(img, root / "images" / f"{name}.jpg")
+        m.save(root / "masks" / f"{name}.png")
+    Image.fromarray(mask).save(root / "masks" / "orphan.png")                    # a mask without an image
+    shutil.copy(img, root / "images" / "lonely.jpg")                             # an image without a mask
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    with pytest.warns(SkippedFilesWarning) as caught:
+        data = load_pairs(root, 256, progress=False)
+    msg = str(caught[0].message)
+    for line in ("masks/size.png: is 200 x 200 px but its image images/size.jpg is 384 x 384",
+                 "masks/grey.png: holds 256 values", "masks/rgb.png: has colour channels (RGB); a mask is one channel",
+                 "masks/odd.png: holds 2 values (0, 128)", "masks/orphan.png: a mask without an image",
+                 "images/lonely.jpg: no mask (expected masks/lonely.png)"):
+        assert line in msg, (line, msg)
+    assert msg.count("\n") == 6                                                   # one line each
+    assert sorted(set(data.stems)) == sorted(p.stem for p in (DEMO / "train" / "images").iterdir())
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before        # nothing lost
+    with pytest.raises(DataError, match="has no images/ or masks/ folder"):
+        load_pairs(pairs, 256, progress=False)
+
+
+def test_masks_may_hold_class_ids_when_there_are_classes(tmp_path):
+    Image.fromarray(np.array([[0, 1], [2, 3]], np.uint8)).save(tmp_path / "m.png")
+    assert read_mask(tmp_path / "m.png", num_classes=3).tolist() == [[0, 1], [2, 3]]
+    with pytest.raises(Exception, match="class ids 0..2"):
+        read_mask(tmp_path / "m.png", num_classes=2)
+
+
+def test_the_pairs_cache_is_reused_and_a_damaged_one_is_rebuilt(tmp_path):
+    first = load_pairs(DEMO / "test", None, cache_dir=tmp_path, progress=False)
+    again = load_pairs(DEMO / "test", None, cache_dir=tmp_path, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(first.images, again.images))
+    npy = next(tmp_path.glob("*.images.npy"))
+    raw = bytearray(npy.read_bytes())
+    raw[-1] ^= 0xFF
+    npy.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="damaged"):
+        fixed = load_pairs(DEMO / "test", None, cache_dir=tmp_path, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(first.images, fixed.images))
+
+
+def test_validation_is_carved_from_train_by_image(pairs, tmp_path):
+    cfg = configlib.load(CompareConfig, None, [f"data.root={pairs}", "task=segmentation", "data.val_fraction=0.25"])[0]
+    splits = resolve_splits(cfg.data, tmp_path / "out", PairsLayout())
+    assert "validation carved from train (by sample" in splits.method and splits.roots["test"] == pairs / "test"
+    stems = {s: {p.stem for p in (splits.roots[s] / "images").iterdir()} for s in ("train", "val")}
+    assert len(stems["val"]) == 3 and len(stems["train"]) == 9 and not stems["train"] & stems["val"]
+    for s in ("train", "val"):                                    # every image went with its mask
+        assert stems[s] == {p.stem for p in (splits.roots[s] / "masks").iterdir()}
+    rows = list(csv.DictReader(open(tmp_path / "out" / "splits" / "split.csv")))
+    assert len(rows) == 12 and {r["split"] for r in rows} == {"train", "val"}
+
+
+# ----------------------------------------------------------------------------------------------
+# new masks and pix2pix pairs
+
+
+def test_drawn_masks_are_new_binary_and_seeded():
+    bank = load_pairs(DEMO / "train", 128, progress=False).masks
+    drawer = MaskDrawer(bank)
+    for method in ("transform", "place"):
+        a = drawer.draw(np.random.default_rng(1), 128, method)
+        b = drawer.draw(np.random.default_rng(1), 128, method)
+        c = drawer.draw(np.random.default_rng(2), 128, method)
+        assert a.shape == (128, 128) and set(np.unique(a)) <= {0, 1} and np.array_equal(a, b)
+        assert not np.array_equal(a, c)
+        assert not any(np.array_equal(a, m) for m in bank)                       # never a training mask
+        assert 0.03 < a.mean() < 0.7, (method, a.mean())
+
+
+def test_pix2pix_run_generates_verifiable_pairs(tmp_path):
+    from gans.generate import generate
+    from gans.registry import families
+    from gans.train_gan import load_config, train_gan
+    from histosynth.checkpoint import sha256_file
+
+    cfg, _ = load_config("pix2pix_monuseg", list(families()["pix2pix"].smoke))
+    train_gan(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "samples").is_dir()
+    generate(tmp_path / "run", tmp_path / "a", 3, seed=5, progress=False, device="cpu")
+    generate(tmp_path / "run", tmp_path / "b", 3, seed=5, progress=False, device="cpu")
+    a = load_pairs(tmp_path / "a", 64, progress=False)
+    assert a.images.shape == (3, 3, 64, 64) and set(np.unique(a.masks)) <= {0, 1}
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in a.files)  # seeded
+    rows = list(csv.DictReader(open(tmp_path / "a" / "manifest.csv")))
+    assert {r["file"] for r in rows} == set(a.files) and all(r["sha256"] == sha256_file(tmp_path / "a" / r["file"])
+                                                             for r in rows)
+    src = json.loads((tmp_path / "a" / "source.json").read_text())
+    assert src["family"] == "pix2pix" and len(src["train_files_sha256"]) == 24     # 12 images + 12 masks
+    assert (tmp_path / "a" / "preview.png").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# augment-compare with task: segmentation
+
+FAST = ["downstream.model.tile_size=128", "downstream.model.image_size=64", "downstream.train.steps=6",
+        "downstream.train.batch_size=4", "downstream.train.evaluate_every=3", "downstream.train.warmup_steps=0",
+        "downstream.train.device=cpu", "downstream.eval.window=256",
+        "generators.pix2pix.set=[train.steps=4, data.tile_size=128, data.image_size=64, train.batch_size=2, "
+        "model.ndf=8, train.device=cpu]"]
+
+
+def test_segmentation_compare_runs_every_arm_kind_on_unseen_pairs(pairs, tmp_path):
+    """The shipped config, pointed at pairs it has never seen through --set only: real, classic,
+    stain-normalised, synthetic and filtered synthetic arms; AJI/PQ from the test instance maps."""
+    cfg = configlib.load(CompareConfig, "compare_monuseg", [f"data.root={pairs}", "seeds=[0]", *FAST])[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = run_compare(cfg, tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["arm"] for r in rows} == {a.name for a in cfg.arms}
+    n = {r["arm"]: (int(r["n_train_real"]), int(r["n_train_synthetic"])) for r in rows}
+    real = n["real_only"][0]
+    assert n["pix2pix_x0.5"] == (real, round(0.5 * real)) and n["pix2pix_x1_filtered"] == (real, real)
+    for r in rows:
+        for k in ("dice", "iou", "aji", "pq"):
+            assert 0 <= float(r[k]) <= 1, (r["arm"], k, r[k])
+    for f in ("overlays.png", "per_image_dice.png", "report.html", "preprocess/stain_reference.png",
+              "generators/pix2pix/synthetic/preview.png"):
+        assert (out / f).is_file(), f
+    sel = next((out / "selected").glob("pix2pix-*agreement-keep0.5"))
+    table = list(csv.DictReader(open(sel / "selection.csv")))
+    kept = [float(r["agreement"]) for r in table if r["kept"] == "True"]
+    dropped = [float(r["agreement"]) for r in table if r["kept"] == "False" and r["near_copy"] == "False"]
+    assert len(kept) == real and min(kept) >= max(dropped)                    # the best agreement was kept
+    assert "test images" in s["verdict"] and "minority" not in s
+    md = (out / "report.md").read_text()
+    assert "| stain_norm | flip_rot90 | macenko |" in md and "Synthetic pairs of pix2pix" in md
