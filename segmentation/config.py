@@ -54,7 +54,8 @@ class SegmenterTrainConfig:
     """Loss = binary cross-entropy + dice_weight x soft Dice loss (smp.losses)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "off"] = "auto"
-    """bf16 autocast on CUDA GPUs that support it; fp32 on CPUs."""
+    """``auto``: bf16 autocast on CUDA GPUs that support it and on CPUs with native bf16 (AMX /
+    AVX-512 BF16: measured 2-3x per step for a resnet18 U-Net on 2 cores), fp32 elsewhere."""
     channels_last: Literal["auto", "on", "off"] = "auto"
     num_workers: int = 0
 

@@ -31,7 +31,8 @@ from segmentation.augment import POLICIES
 from segmentation.config import SegmenterConfig
 from segmentation.data import PAIRS, PairSet, PairsLayout, load_pairs
 from segmentation.metrics import segmentation_metrics
-from segmentation.task import PairDataset, SegmentationTask, model_from_checkpoint, predict_images
+from segmentation.task import (PairDataset, SegmentationTask, model_from_checkpoint, predict_images,
+                               segmenter_runtime)
 
 SPEC = MetricSpec(
     metrics=(Metric("dice", "Dice (mean over images)"), Metric("iou", "IoU (mean over images)"),
@@ -92,8 +93,7 @@ class Segmentation:
                             progress, need.get(PAIRS), overwrite=True)
 
     def runtime(self, cfg: SegmenterConfig) -> Runtime:
-        t = cfg.train
-        return Runtime.from_choices(t.device, t.amp, t.channels_last)
+        return segmenter_runtime(cfg)
 
     def build_task(self, cfg: SegmenterConfig, arm, seed: int, train: TileSet, val: PairSet,
                    rt: Runtime) -> SegmentationTask:

@@ -36,11 +36,10 @@ SELECTOR = "segmenter-selector"
 
 def train_selector(cfg: SegmenterConfig, train: PairSet, run: Path, progress: bool) -> tuple[torch.nn.Module, str]:
     """The selector U-Net (trained into ``run``, or continued / reused from it) and a note."""
-    from histosynth.runtime import Runtime
-    from segmentation.task import PairDataset, SegmentationTask, model_from_checkpoint
+    from segmentation.task import PairDataset, SegmentationTask, model_from_checkpoint, segmenter_runtime
 
     t = cfg.train
-    rt = Runtime.from_choices(t.device, t.amp, t.channels_last)
+    rt = segmenter_runtime(cfg)
     ds = PairDataset(train.images, train.masks, "flip_rot90", cfg.model.image_size, 0)
     engine.train(SELECTOR, cfg, lambda rt: SegmentationTask(cfg, ds, None, None, rt, 0), run, rt, seed=0,
                  resume=True, progress=progress, desc="selector U-Net")
@@ -53,13 +52,11 @@ def train_selector(cfg: SegmenterConfig, train: PairSet, run: Path, progress: bo
 def score_pairs(model: torch.nn.Module, cands: PairSet, train: PairSet, cfg: SegmenterConfig) -> dict[str, np.ndarray]:
     """Per candidate pair (by stem): agreement (Dice of the selector's prediction with the drawn
     mask, mean over the pair's tiles) and whether it is a pixel-space near-copy of a training tile."""
-    from histosynth.runtime import Runtime
     from metrics.features import PixelExtractor
     from metrics.memorisation import calibrate, nearest
-    from segmentation.task import predict_images
+    from segmentation.task import predict_images, segmenter_runtime
 
-    t = cfg.train
-    rt = Runtime.from_choices(t.device, t.amp, t.channels_last)
+    rt = segmenter_runtime(cfg)
     probs = predict_images(model, list(cands.images), rt, cfg.eval.window)
     dice = np.array([dice_iou(p >= cfg.eval.threshold, m)[0] for p, m in zip(probs, cands.masks)])
     pix = PixelExtractor()

@@ -35,6 +35,14 @@ from segmentation.model import create_segmenter
 CRITERION = Criterion("val_dice", "max")
 
 
+def segmenter_runtime(cfg: SegmenterConfig) -> Runtime:
+    """Device and precision of a segmenter: ``amp: auto`` is bf16 + channels_last on CUDA and on
+    CPUs with native bf16 (measured on 2 AMX cores, resnet18 U-Net: 2.1x per training step at
+    128 px crops, 3.3x at 256 px, 4x for whole-image prediction), fp32 elsewhere."""
+    t = cfg.train
+    return Runtime.from_choices(t.device, t.amp, t.channels_last, cpu_fast_path=True)
+
+
 class PairDataset(Dataset):
     """Tiles ``images`` (N x 3 x T x T uint8) with ``masks`` (N x T x T class ids); an item is a
     random crop, augmented by ``policy``: (normalised 3 x S x S float, S x S float mask)."""
