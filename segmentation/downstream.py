@@ -46,11 +46,14 @@ PREVIEW_SIDE = 256
 
 
 def _preview(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The top-left square of a test image, its truth and prediction, at PREVIEW_SIDE px."""
+    """A centred square of at most 1.5 x PREVIEW_SIDE px of a test image (nuclei stay visible),
+    its truth and prediction, at PREVIEW_SIDE px."""
     from PIL import Image
 
-    side = min(image.shape[1:])
-    crop = (slice(0, side), slice(0, side))
+    h, w = image.shape[1:]
+    side = min(h, w, PREVIEW_SIDE * 3 // 2)
+    y, x = (h - side) // 2, (w - side) // 2
+    crop = (slice(y, y + side), slice(x, x + side))
     img = Image.fromarray(np.ascontiguousarray(image[:, crop[0], crop[1]].transpose(1, 2, 0)))
     small = np.asarray(img.resize((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR))
     shrink = [np.asarray(Image.fromarray((m[crop] > 0).astype(np.uint8) * 255).resize(
