@@ -258,7 +258,7 @@ def section_metrics(iters: int) -> list[dict]:
     import numpy as np
     from classifier.model import create_classifier
     from metrics.distribution import kid
-    from metrics.features import EfficientNetExtractor, PixelExtractor
+    from metrics.features import ClassifierExtractor, PixelExtractor
 
     x = torch.randint(0, 256, (1000, 3, 64, 64), dtype=torch.uint8)
     rows = []
@@ -269,7 +269,7 @@ def section_metrics(iters: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save({"model": create_classifier("efficientnet-b0", 3).state_dict(), "variant": "efficientnet-b0"},
                    Path(tmp) / "w.pt")
-        ext = EfficientNetExtractor(Path(tmp) / "w.pt", "efficientnet-b0", 64)
+        ext = ClassifierExtractor(Path(tmp) / "w.pt", "efficientnet-b0", 64)
         s = _median_time(lambda: [ext(x[i:i + 64]) for i in range(0, 1000, 64)], 1, rt)
     rows.append({"bench": "EfficientNet-B0 features at 64 px, 1000 tiles", "path": "histosynth default", "s": s,
                  "images_per_s": 1000 / s})

@@ -9,18 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from histosynth.config import require, require_choice
-
-VARIANTS = tuple(f"efficientnet-b{i}" for i in range(9))
+from histosynth.config import require
 
 
 @dataclass
 class ClassifierModelConfig:
     variant: str = "efficientnet-b0"
-    """efficientnet-pytorch model name: efficientnet-b0 ... efficientnet-b8."""
+    """The backbone (classifier/model.py): efficientnet-b0 ... efficientnet-b8 (efficientnet-pytorch),
+    resnet18, resnet50, densenet121 (torchvision), or timm/<name> (any timm model)."""
     weights: Optional[str] = None
-    """Local ImageNet (or other) EfficientNet state dict to start from; the classification head is
-    replaced when its class count differs. null: from scratch. Nothing is ever downloaded."""
+    """null: from scratch; ``imagenet``: the library's own standard ImageNet weights from its own
+    cache (torch's hub cache, $TORCH_HOME; timm: the Hugging Face cache) -- a missing file is one
+    line naming the file, the folder and the download URL; or a local file (the backbone's state
+    dict, or a histosynth classifier). The head is replaced when its class count differs. Nothing
+    is ever downloaded."""
     image_size: int = 224
     """Side of the square input tiles (centre-crop + resize once, into the tile cache)."""
     dropout: float = 0.2
@@ -32,7 +34,8 @@ class ClassifierModelConfig:
     predicts one class. 0.1 (PyTorch's default) converges in a few dozen steps."""
 
     def __post_init__(self):
-        require_choice(self.variant, VARIANTS, "variant", "an EfficientNet variant")
+        from classifier.model import check_variant
+        check_variant(self.variant, "variant")
         require(16 <= self.image_size <= 1024, "image_size", f"must be in 16..1024, got {self.image_size}")
         require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         require(0 < self.bn_momentum < 1, "bn_momentum", f"must be in (0, 1), got {self.bn_momentum}")
@@ -60,6 +63,12 @@ class ClassifierTrainConfig:
     class_weights: Literal["none", "balanced"] = "none"
     """``balanced``: cross-entropy weighted by n / (k * n_c) of the assembled training set."""
     label_smoothing: float = 0.0
+    freeze_epochs: int = 0
+    """Fine-tuning: the backbone is frozen (weights and BatchNorm statistics) for the first N
+    epochs, so only the new head trains; 0: everything trains from the start."""
+    backbone_lr: float = 1.0
+    """Fine-tuning: the backbone's learning rate as a fraction of ``lr`` (e.g. 0.1 for pretrained
+    weights); the head always uses ``lr``."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "off"] = "auto"
     """Mixed precision: ``auto`` is bf16 autocast on CUDA GPUs that support it, fp32 elsewhere."""
@@ -81,6 +90,9 @@ class ClassifierTrainConfig:
         require(0 <= self.label_smoothing < 1, "label_smoothing",
                 f"must be in [0, 1), got {self.label_smoothing}")
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(0 <= self.freeze_epochs < self.epochs, "freeze_epochs",
+                f"must be in 0..epochs-1 ({self.epochs - 1}), got {self.freeze_epochs}")
+        require(0 < self.backbone_lr <= 10, "backbone_lr", f"must be in (0, 10], got {self.backbone_lr}")
 
 
 @dataclass

@@ -29,14 +29,16 @@ class ClassFolders:
 class TileDataset(Dataset):
     """``images``: N x 3 x S x S uint8 (array or memmap); ``labels``: N ints.
 
-    ``transform`` is an albumentations pipeline applied to ``S x S x 3`` uint8 tiles. Exposes
+    ``transform`` is an albumentations pipeline applied to ``S x S x 3`` uint8 tiles; ``heavy``
+    the one of the extra draws of rare classes (the ``class_augment`` sampler). Exposes
     ``get_labels()`` for torchsampler's ImbalancedDatasetSampler.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None, heavy=None):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+        self.heavy = heavy
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -47,15 +49,17 @@ class TileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.item(i)
 
-    def item(self, i: int, seed: tuple[int, ...] | None = None) -> tuple[torch.Tensor, int]:
+    def item(self, i: int, seed: tuple[int, ...] | None = None, heavy: bool = False) -> tuple[torch.Tensor, int]:
         """Tile ``i`` augmented (normalised ``3 x S x S`` float) and its label. ``seed``: the
         augmentation draws come from one numpy and one Python generator seeded by it (the same
-        tile and seed always give the same result, in any process); None: the pipeline's own."""
+        tile and seed always give the same result, in any process); None: the pipeline's own.
+        ``heavy``: augmented by ``self.heavy`` instead."""
         img = np.asarray(self.images[i])                      # 3 x S x S uint8
-        if self.transform is not None and len(self.transform.transforms):
+        tf = self.heavy if heavy else self.transform
+        if tf is not None and len(tf.transforms):
             if seed is not None:
                 s = int(np.random.SeedSequence(seed).generate_state(1)[0])
-                self.transform.set_random_state(np.random.default_rng(s), random.Random(s))
-            img = self.transform(image=np.ascontiguousarray(img.transpose(1, 2, 0)))["image"]
+                tf.set_random_state(np.random.default_rng(s), random.Random(s))
+            img = tf(image=np.ascontiguousarray(img.transpose(1, 2, 0)))["image"]
             img = img.transpose(2, 0, 1)
         return normalise(torch.from_numpy(np.ascontiguousarray(img))), int(self.labels[i])

@@ -23,7 +23,7 @@ import numpy as np
 from classifier.augment import POLICIES, build_augment
 from classifier.config import ClassifierConfig
 from classifier.data import ClassFolders, TileDataset
-from classifier.metrics import classification_metrics
+from classifier.metrics import by_group, classification_metrics
 from classifier.task import ClassifierTask, predict
 from classifier.train import model_from_checkpoint
 from histosynth.checkpoint import atomic_write, atomic_write_text
@@ -34,10 +34,15 @@ from histosynth.runtime import Runtime
 from histosynth.stain import StainNormaliser
 from metrics.selection import BY, FilterConfig, select_folder
 
+HEAVY = "classic"   # the augmentation of the extra draws of rare classes (sampler: class_augment)
+
 SPEC = MetricSpec(
-    metrics=(Metric("balanced_accuracy", "balanced accuracy"), Metric("macro_f1", "macro-F1"),
-             Metric("auc", "AUC (one-vs-rest)"), Metric("minority_sensitivity", "minority sensitivity"),
-             Metric("accuracy", "accuracy", plotted=False)),
+    metrics=(Metric("balanced_accuracy", "balanced accuracy (tiles)"), Metric("macro_f1", "macro-F1 (tiles)"),
+             Metric("auc", "AUC (tiles, one-vs-rest)"), Metric("minority_sensitivity", "minority sensitivity (tiles)"),
+             Metric("group_balanced_accuracy", "balanced accuracy (groups: mean tile probability)", needs_groups=True),
+             Metric("group_vote_balanced_accuracy", "balanced accuracy (groups: majority vote)", needs_groups=True,
+                    plotted=False),
+             Metric("accuracy", "accuracy (tiles)", plotted=False)),
     primary="balanced_accuracy", control="balanced_accuracy")
 
 
@@ -88,23 +93,33 @@ class Classification:
     def build_task(self, cfg: ClassifierConfig, arm, seed: int, train: TileSet, val_split: TileCache,
                    rt: Runtime) -> ClassifierTask:
         val = val_split.tileset()
-        ds = TileDataset(train.images, train.labels, build_augment(arm.augment, seed))
+        heavy = build_augment(HEAVY, seed + 1) if arm.sampler == "class_augment" else None
+        ds = TileDataset(train.images, train.labels, build_augment(arm.augment, seed), heavy)
         ccfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, class_weights=arm.class_weights))
         return ClassifierTask(ccfg, ds, val.images, val.labels, train.classes, rt, seed, arm.sampler)
 
     def score(self, cfg: ClassifierConfig, best: dict, train: TileSet, test_split: TileCache,
-              cell: Path) -> dict[str, float]:
+              cell: Path, groups: Sequence[str] | None = None) -> dict[str, float]:
         rt = self.runtime(cfg)
         test = test_split.tileset()
         model, info = model_from_checkpoint(best)
         probs = predict(rt.prepare(model), test.images, rt)
         m = classification_metrics(test.labels, probs, train.classes)
+        out = {"best_epoch": info["epoch"], "val_balanced_accuracy": info["val_balanced_accuracy"],
+               **{k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auc")},
+               "minority_sensitivity": m["per_class"][minority_class(train)]["sensitivity"],
+               "group_balanced_accuracy": math.nan, "group_vote_balanced_accuracy": math.nan}
+        if groups is not None:
+            m["groups"] = {}
+            for how, key in (("mean", "group_balanced_accuracy"), ("vote", "group_vote_balanced_accuracy")):
+                y, p, _ = by_group(test.labels, probs, groups, how)
+                m["groups"][how] = classification_metrics(y, p, train.classes)
+                out[key] = m["groups"][how]["balanced_accuracy"]
         atomic_write(cell / "test_predictions.npz",
-                     lambda f: np.savez(f, probs=probs, labels=test.labels, classes=np.array(train.classes)))
+                     lambda f: np.savez(f, probs=probs, labels=test.labels, classes=np.array(train.classes),
+                                        groups=np.array(groups if groups is not None else [], dtype=str)))
         atomic_write_text(cell / "metrics.json", json.dumps(m, indent=1, default=float))
-        return {"best_epoch": info["epoch"], "val_balanced_accuracy": info["val_balanced_accuracy"],
-                **{k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auc")},
-                "minority_sensitivity": m["per_class"][minority_class(train)]["sensitivity"]}
+        return out
 
     def plots(self, summary: dict, rows: list[dict], out: Path) -> dict[str, str]:
         import matplotlib

@@ -3,6 +3,8 @@
 Every metric a pathology reader asks for: accuracy, balanced accuracy (mean per-class
 sensitivity), macro-F1, per-class sensitivity (recall) and specificity, one-vs-rest ROC AUC per
 class and their macro mean, and the confusion matrix (rows: true class, columns: predicted).
+:func:`by_group` aggregates tiles to the image or patient they come from (the level the label of
+most public sets belongs to): the mean of the tiles' probabilities, or their majority vote.
 """
 
 from __future__ import annotations
@@ -45,3 +47,20 @@ def classification_metrics(y_true, probs, classes: list[str]) -> dict:
                           "support": int(tp[i] + fn[i])} for i, c in enumerate(classes)},
         "confusion": cm.tolist(),
     }
+
+
+def by_group(y_true, probs, groups, how: str = "mean") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(labels, probabilities, group ids) with one row per group: the label is the majority label
+    of the group's tiles; ``how``: ``mean`` averages their probabilities, ``vote`` gives each class
+    the share of the group's tiles predicted as it (ties broken by the mean probability)."""
+    y_true, probs = np.asarray(y_true, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    ids = sorted(set(groups))
+    where = {g: i for i, g in enumerate(ids)}
+    gi = np.array([where[g] for g in groups])
+    k = probs.shape[1]
+    labels = np.array([np.bincount(y_true[gi == i], minlength=k).argmax() for i in range(len(ids))])
+    mean = np.stack([probs[gi == i].mean(0) for i in range(len(ids))])
+    if how == "mean":
+        return labels, mean, ids
+    votes = np.stack([np.bincount(probs[gi == i].argmax(1), minlength=k) / (gi == i).sum() for i in range(len(ids))])
+    return labels, votes + 1e-6 * mean, ids

@@ -1,51 +1,201 @@
-"""EfficientNet classifiers (efficientnet-pytorch), from scratch or from a local weights file."""
+"""Classifiers behind one factory: a backbone that pools features, and a linear head.
+
+Backbones (``model.variant``):
+
+* ``efficientnet-b0`` ... ``efficientnet-b8`` (efficientnet-pytorch);
+* ``resnet18``, ``resnet50``, ``densenet121`` (torchvision);
+* ``timm/<name>``: any timm model by name (timm is installed with segmentation-models-pytorch).
+
+Weights (``model.weights``): None (from scratch); ``imagenet``, the library's own standard
+ImageNet weights from its own cache only (torchvision and efficientnet-pytorch: torch's hub cache,
+``$TORCH_HOME``; timm: the Hugging Face cache), a missing file being one line that names the file,
+the folder and the download URL; or a local file: a state dict of the backbone (e.g. ImageNet
+weights downloaded by hand) or a histosynth classifier checkpoint. The head is loaded only when
+its class count matches, else it stays freshly initialised. Nothing is ever downloaded.
+
+Every classifier is a :class:`Classifier`: ``body(x)`` gives ``B x dim`` pooled features (what the
+histology feature space and selection read), ``head`` the logits; inputs are ImageNet-normalised
+(:func:`histosynth.data.normalise`) for every backbone.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from efficientnet_pytorch import EfficientNet
+import torch
+import torch.nn as nn
 
 from histosynth.checkpoint import CheckpointError, safe_load
+from histosynth.config import ConfigError
+from histosynth.weights import WeightsNotCached, hf_cache_dir, offline_hub, torch_hub_file
+
+EFFICIENTNETS = tuple(f"efficientnet-b{i}" for i in range(9))
+TORCHVISION = ("resnet18", "resnet50", "densenet121")
+VARIANTS = EFFICIENTNETS + TORCHVISION
+"""The named backbones; ``timm/<name>`` adds every timm model."""
+
+
+class Classifier(nn.Module):
+    """``body`` (``B x 3 x H x W`` -> ``B x dim`` pooled features) + dropout + linear ``head``."""
+
+    def __init__(self, body: nn.Module, dim: int, num_classes: int, dropout: float = 0.2):
+        super().__init__()
+        self.body, self.drop, self.head = body, nn.Dropout(dropout), nn.Linear(dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.body(x)))
+
+
+def check_variant(variant: str, key: str = "model.variant") -> None:
+    if variant in VARIANTS or (variant.startswith("timm/") and len(variant) > 5):
+        return
+    from histosynth.config import require_choice
+    require_choice(variant, list(VARIANTS) + ["timm/<any timm model>"], key, "a backbone")
 
 
 def _unwrap(state: dict) -> dict:
+    if isinstance(state.get("modules"), dict) and isinstance(state["modules"].get("model"), dict):
+        return state["modules"]["model"]                     # a histosynth run checkpoint
     for key in ("model", "state_dict"):
         if isinstance(state.get(key), dict):
             return state[key]
     return state
 
 
-def create_classifier(variant: str, num_classes: int, weights: str | Path | None = None,
-                      dropout: float = 0.2, bn_momentum: float = 0.1) -> EfficientNet:
-    """``variant`` (efficientnet-b0 ...) with a ``num_classes`` head.
+def upgrade_state(state: dict) -> dict:
+    """A classifier state dict in this module's layout: checkpoints written before the factory
+    (a bare efficientnet-pytorch EfficientNet: ``_fc.*`` and backbone keys) are renamed."""
+    if any(k.startswith(("body.", "head.")) for k in state):
+        return state
+    return {(f"head.{k[4:]}" if k.startswith("_fc.") else f"body.{k}"): v for k, v in state.items()}
 
-    ``weights``: a local state dict (ImageNet weights from efficientnet-pytorch's release, or a
-    histosynth classifier checkpoint). Every backbone tensor must match; the head is loaded only
-    when its class count matches, else it stays freshly initialised. Never downloads anything.
-    ``bn_momentum`` is in PyTorch's convention (see ClassifierModelConfig.bn_momentum).
-    """
-    # efficientnet-pytorch passes 1 - batch_norm_momentum to torch's BatchNorm (TF convention)
-    net = EfficientNet.from_name(variant, num_classes=num_classes, dropout_rate=dropout,
-                                 batch_norm_momentum=1.0 - bn_momentum)
-    if weights is None:
-        return net
-    if not Path(weights).is_file():
-        raise CheckpointError(f"classifier weights not found: {weights} (histosynth never downloads "
-                              "weights; point classifier.model.weights to a local state dict or null)")
-    state = _unwrap(safe_load(weights))
-    head = {k for k in state if k.startswith("_fc.")}
-    if state.get("_fc.weight") is not None and state["_fc.weight"].shape[0] != num_classes:
-        state = {k: v for k, v in state.items() if k not in head}
+
+# DenseNet weights on download.pytorch.org use the legacy key format 'norm.1'; torchvision's loader
+# renames them as it reads (the same pattern as torchvision.models.densenet)
+_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+def _raw(variant: str, imagenet: bool) -> tuple[nn.Module, str]:
+    """The library's network with its own 1000-class head (ImageNet weights loaded when asked)
+    and the name of that head's attribute."""
+    if variant in EFFICIENTNETS:
+        from efficientnet_pytorch import EfficientNet
+        from efficientnet_pytorch.utils import load_pretrained_weights, url_map
+        net = EfficientNet.from_name(variant)
+        if imagenet:
+            if variant not in url_map:
+                raise WeightsNotCached(f"efficientnet-pytorch publishes no standard ImageNet weights for {variant}")
+            path = torch_hub_file(url_map[variant], f"ImageNet weights of {variant}")
+            load_pretrained_weights(net, variant, weights_path=str(path), verbose=False)
+        return net, "_fc"
+    if variant in TORCHVISION:
+        from torchvision.models import get_model, get_model_weights
+        net = get_model(variant, weights=None)
+        if imagenet:
+            w = get_model_weights(variant).DEFAULT
+            state = safe_load(torch_hub_file(w.url, f"ImageNet weights of {variant} ({w})"))
+            if variant.startswith("densenet"):
+                state = {(_DENSENET_KEY.sub(r"\1\2", k)): v for k, v in state.items()}
+            net.load_state_dict(state)
+        return net, "fc" if variant.startswith("resnet") else "classifier"
+    import timm
+    name = variant.removeprefix("timm/")
+    try:
+        with offline_hub():
+            net = timm.create_model(name, pretrained=imagenet)
+    except RuntimeError as e:                     # timm: unknown model
+        raise ConfigError("model.variant", f"{e}") from None
+    except Exception as e:
+        if not imagenet:
+            raise
+        raise WeightsNotCached(f"ImageNet weights of timm/{name} are not in the Hugging Face cache ({hf_cache_dir()}; "
+                               f"{type(e).__name__}); fetch them once where there is network with python -c "
+                               f"\"import timm; timm.create_model('{name}', pretrained=True)\", or set model.weights "
+                               "to a local file or null") from None
+    return net, ""
+
+
+def _strip_head(net: nn.Module, head: str) -> tuple[nn.Module, int]:
+    """``net`` returning pooled features, and their width."""
+    if not head:                                             # timm
+        dim = net.num_features
+        net.reset_classifier(0)
+        return net, dim
+    layer = getattr(net, head)
+    dim = layer.in_features
+    setattr(net, head, nn.Identity())
+    if hasattr(net, "_dropout"):                             # efficientnet-pytorch: dropout moves to the head
+        net._dropout = nn.Identity()
+    return net, dim
+
+
+def create_classifier(variant: str, num_classes: int, weights: str | Path | None = None,
+                      dropout: float = 0.2, bn_momentum: float = 0.1) -> Classifier:
+    """``variant`` with a ``num_classes`` head (see the module docstring for ``weights``).
+    ``bn_momentum`` is in PyTorch's convention (see ClassifierModelConfig.bn_momentum)."""
+    check_variant(variant)
+    imagenet = weights == "imagenet"
+    local = None if weights is None or imagenet else Path(weights)
+    if local is not None and not local.is_file():
+        raise CheckpointError(f"classifier weights not found: {weights} (histosynth never downloads weights; "
+                              "point model.weights to a local state dict, imagenet, or null)")
+    net, head = _raw(variant, imagenet)
+    state = _unwrap(safe_load(local)) if local is not None else None
+    if state is not None and not any(k.startswith(("body.", "head.")) for k in state):
+        _load_raw(net, head, state, variant, local)              # the library's own layout
+        state = None
+    body, dim = _strip_head(net, head)
+    model = Classifier(body, dim, num_classes, dropout)
+    if state is not None:                                        # a histosynth classifier
+        _load_wrapped(model, state, variant, local)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = bn_momentum
+    return model
+
+
+def _load_raw(net: nn.Module, head: str, state: dict, variant: str, path: Path) -> None:
+    own = net.state_dict()
+    heads = [k for k in state if head and k.startswith(f"{head}.")]
+    if any(k in own and own[k].shape != state[k].shape for k in heads):
+        state = {k: v for k, v in state.items() if k not in heads}
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
-    except RuntimeError as e:           # a tensor of another shape: another variant
-        first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise CheckpointError(f"{weights} does not fit {variant}: {first}; is it a state dict of "
-                              "this variant?") from None
-    missing = [k for k in missing if not k.startswith("_fc.")]
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit {variant}: {_first(e)}; is it a state dict of this "
+                              "backbone?") from None
+    missing = [k for k in missing if not (head and k.startswith(f"{head}."))]
     if missing or unexpected:
-        raise CheckpointError(f"{weights} does not fit {variant}: {len(missing)} missing and "
-                              f"{len(unexpected)} unexpected tensors (e.g. {(missing + unexpected)[0]}); "
-                              "is it a state dict of this variant?")
-    return net
+        raise CheckpointError(f"{path} does not fit {variant}: {len(missing)} missing and {len(unexpected)} "
+                              f"unexpected tensors (e.g. {(missing + unexpected)[0]}); is it a state dict of "
+                              "this backbone?")
+
+
+def _load_wrapped(model: Classifier, state: dict, variant: str, path: Path) -> None:
+    state = upgrade_state(state)
+    if "head.weight" in state and state["head.weight"].shape != model.head.weight.shape:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit {variant}: {_first(e)}; is it a classifier of this "
+                              "backbone?") from None
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit {variant}: {len(missing)} missing and {len(unexpected)} "
+                              f"unexpected tensors (e.g. {(missing + unexpected)[0]}); is it a classifier of "
+                              "this backbone?")
+
+
+def _first(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[1].strip() if len(lines) > 1 else str(e)
+
+
+def backbone_parameters(model: Classifier) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(backbone, head) parameters: the two learning-rate groups of fine-tuning."""
+    return list(model.body.parameters()), list(model.head.parameters())

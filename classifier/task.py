@@ -1,12 +1,16 @@
-"""The classifier as an engine task: an EfficientNet trained on tiles, validated every epoch.
+"""The classifier as an engine task: any backbone of classifier/model.py trained on tiles,
+validated every epoch.
 
 One ``train_step`` is one batch: cross-entropy (optional class weights and label smoothing),
-AdamW; the engine adds the warm-up + cosine schedule, validation every epoch (balanced accuracy
-decides best.pt and early stopping), checkpoints, torchrun gradient averaging and exact resume.
+AdamW with two learning rates (backbone: ``train.backbone_lr`` x lr; head: lr) and, for
+fine-tuning, the backbone frozen for the first ``train.freeze_epochs`` epochs; the engine adds
+the warm-up + cosine schedule, validation every epoch (balanced accuracy decides best.pt and
+early stopping), checkpoints, torchrun gradient averaging and exact resume.
 
 Batches are a pure function of (seed, step): epoch ``e`` is a permutation of the training tiles
-(``random``) or a class-balanced draw with replacement by torchsampler's weights (``balanced``),
-from a generator seeded by (seed, e); each tile's augmentation is seeded by (seed, step, position).
+(``random``), a class-balanced draw with replacement by torchsampler's weights (``balanced``) or
+every tile plus heavily augmented extra draws of the rarer classes (``class_augment``), from a
+generator seeded by (seed, e); each tile's augmentation is seeded by (seed, step, position).
 So the data order and the augmentation need no saved state, do not depend on the number of
 torchrun processes (each takes its share of the same global batch) or of DataLoader workers,
 and a run resumes exactly at any step.
@@ -25,7 +29,7 @@ from tqdm.auto import tqdm
 from classifier.config import ClassifierConfig
 from classifier.data import TileDataset, normalise
 from classifier.metrics import classification_metrics
-from classifier.model import create_classifier
+from classifier.model import backbone_parameters, create_classifier
 from histosynth.data import StepBatches, steps_per_epoch  # noqa: F401  (public API)
 from histosynth.engine import require_divisible
 from histosynth.roles import Criterion, LRSchedule, Plan
@@ -67,7 +71,10 @@ class ClassifierTask:
         require_divisible(t.batch_size, rt.world, "train.batch_size")
         self.model = rt.prepare(create_classifier(m.variant, len(classes), m.weights, m.dropout, m.bn_momentum))
         self.modules = {"model": self.model}
-        self.optimizers = {"model": torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+        body, head = backbone_parameters(self.model)          # fine-tuning: two learning rates
+        self.optimizers = {"model": torch.optim.AdamW([{"params": body, "lr": t.lr * t.backbone_lr},
+                                                       {"params": head, "lr": t.lr}],
+                                                      lr=t.lr, weight_decay=t.weight_decay,
                                                       fused=rt.device.type == "cuda")}
         self.ema_names: tuple[str, ...] = ()
         self.batches = StepBatches(train, t.batch_size, seed, sampler, rt.rank, rt.world)
@@ -78,8 +85,15 @@ class ClassifierTask:
                          images_per_step=self.batches.batch_size)
         self.weight = (class_weights(train.labels, len(classes)).to(rt.device)
                        if t.class_weights == "balanced" else None)
+        self.freeze_steps = t.freeze_epochs * spe
         self.step = 0
         self._loader = None
+
+    def _freeze(self, frozen: bool) -> None:
+        """The backbone's weights and BatchNorm statistics held (only the head learns), or not."""
+        for p in self.model.body.parameters():
+            p.requires_grad_(not frozen)
+        self.model.body.train(not frozen)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._loader is None:                 # starts at the (resumed) step
@@ -91,6 +105,8 @@ class ClassifierTask:
         return next(self._loader)
 
     def train_step(self) -> dict[str, torch.Tensor]:
+        if self.freeze_steps:
+            self._freeze(self.step < self.freeze_steps)
         x, y = self._next_batch()
         x, y = self.rt.batch(x), y.to(self.rt.device, non_blocking=True)
         with self.rt.autocast():

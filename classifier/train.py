@@ -23,7 +23,7 @@ import torch
 
 from classifier.config import ClassifierConfig
 from classifier.data import TileDataset
-from classifier.model import create_classifier
+from classifier.model import create_classifier, upgrade_state
 from classifier.task import ClassifierTask, class_weights, predict, steps_per_epoch  # noqa: F401  (public API)
 from histosynth import engine
 from histosynth.runtime import Runtime
@@ -43,7 +43,7 @@ def model_from_checkpoint(ck: dict) -> tuple[torch.nn.Module, dict]:
     """The classifier a checkpoint holds (eval mode, on the CPU) and its info."""
     info = checkpoint_info(ck)
     model = create_classifier(info["variant"], len(info["classes"]))
-    model.load_state_dict(ck["modules"]["model"])
+    model.load_state_dict(upgrade_state(ck["modules"]["model"]))
     return model.eval(), info
 
 

@@ -47,7 +47,7 @@ from experiments.assemble import assemble, synthetic_counts  # noqa: E402
 from experiments.config import ArmConfig, CompareConfig  # noqa: E402
 from experiments.leakage import check_groups, check_real, file_hashes, verify_synthetic  # noqa: E402
 from experiments.report import summarise, write_report  # noqa: E402
-from experiments.splits import SPLITS, resolve_splits  # noqa: E402
+from experiments.splits import SPLITS, group_of, resolve_splits  # noqa: E402
 from histosynth import config as configlib  # noqa: E402
 from histosynth import engine  # noqa: E402
 from histosynth.checkpoint import (atomic_write, atomic_write_csv, atomic_write_text,  # noqa: E402
@@ -148,6 +148,15 @@ def load_splits(cfg: CompareConfig, out: Path, progress: bool):
             raise DataError(f"the {s} split has classes {caches[s].classes} but train has {classes}; "
                             "every split needs the same class folders")
     return splits, caches
+
+
+def sample_groups(splits, data, split: str) -> list[str] | None:
+    """The group (image, patient) of each sample of ``split`` from the groups file, a sample
+    without one being a group of its own; None without a groups file."""
+    if not splits.groups:
+        return None
+    return [group_of(splits.groups, f"{split}/{f}") or group_of(splits.groups, f) or f"ungrouped:{f}"
+            for f in data.sample_files()]
 
 
 def leakage_checks(splits, caches, progress: bool) -> tuple[dict, dict[str, str]]:
@@ -289,9 +298,10 @@ class Inputs:
     reopens what the parent decoded)."""
 
     def __init__(self, cfg: CompareConfig, out: Path, split_roots: dict[str, str], source_roots: dict[str, str],
-                 progress: bool = False, loaded: tuple[dict, dict] | None = None):
+                 test_groups: list[str] | None = None, progress: bool = False,
+                 loaded: tuple[dict, dict] | None = None):
         self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.split_roots, self.source_roots = split_roots, source_roots
+        self.split_roots, self.source_roots, self.test_groups = split_roots, source_roots, test_groups
         self._by_method: dict[str, tuple[dict, dict]] = {"none": loaded} if loaded else {}
 
     @property
@@ -347,7 +357,7 @@ def run_cell(cfg: CompareConfig, arm, arm_index: int, seed: int, inputs: Inputs,
                            cell, rt, seed=seed, resume=True, progress=progress, desc=f"{arm.name} seed {seed}",
                            keep_final_state=False)
     scores = task.score(dcfg, engine.load_checkpoint(engine.RunDir(cell).checkpoint("best")), data,
-                        caches["test"], cell)
+                        caches["test"], cell, inputs.test_groups)
     return {"arm": arm.name, "seed": seed, "n_train_real": int((~data.synthetic).sum()),
             "n_train_synthetic": int(data.synthetic.sum()), "steps_run": summary["step"],
             "best_step": summary["best_step"], "stopped_early": summary["stopped_early"], **scores,
@@ -391,8 +401,13 @@ def _run_compare(cfg: CompareConfig, out: Path, overwrite: bool, progress: bool,
     results = out / "results.csv"
     rows = read_results(results)
     sources = {} if report_only else load_synthetic(cfg, out, splits, caches, evals, progress)
+    test_groups = sample_groups(splits, caches["test"], "test")
+    primary = get_downstream(cfg.task).spec.get(cfg.report.primary)
+    if primary.needs_groups and test_groups is None:
+        raise configlib.ConfigError("report.primary", f"{primary.name} is measured per group (image, patient) and "
+                                    "needs a groups file (data.groups: a file,group_id CSV); there is none")
     inputs = Inputs(cfg, out, {s: str(splits.roots[s]) for s in SPLITS},
-                    {k: v[1]["root"] for k, v in sources.items()}, progress,
+                    {k: v[1]["root"] for k, v in sources.items()}, test_groups, progress,
                     loaded=(caches, {k: (v[0], {"root": v[1]["root"]}) for k, v in sources.items()}))
     if not report_only:
         done = {(r["arm"], int(r["seed"])) for r in rows}
@@ -410,7 +425,7 @@ def _run_compare(cfg: CompareConfig, out: Path, overwrite: bool, progress: bool,
                 bar.set_postfix_str(f"{row['arm']} seed {row['seed']} done")
                 bar.update(1)
             job = {"cfg": cfg, "out": str(out), "split_roots": inputs.split_roots,
-                   "source_roots": inputs.source_roots}
+                   "source_roots": inputs.source_roots, "test_groups": inputs.test_groups}
             run_cells_parallel(job, [(seed, i) for seed, i, _ in todo], workers, on_row)
         else:
             for seed, i, arm in todo:

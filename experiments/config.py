@@ -127,9 +127,11 @@ class ArmConfig:
     stain_norm: Literal["none", "macenko", "reinhard"] = "none"
     """Stain normalisation of every image the arm sees (training, synthetic, validation and test),
     torchstain's Macenko or Reinhard fitted to a mosaic of training tiles only."""
-    sampler: Literal["random", "balanced"] = "random"
-    """``balanced``: torchsampler's ImbalancedDatasetSampler (classes drawn equally often;
-    classification only)."""
+    sampler: Literal["random", "balanced", "class_augment"] = "random"
+    """``balanced``: torchsampler's ImbalancedDatasetSampler (classes drawn equally often);
+    ``class_augment``: class-based augmentation -- every tile once, and each class topped up to
+    the largest with extra draws of its own tiles under the heavy ``classic`` policy, so the rarer
+    a class, the more heavily augmented copies it gets (classification only)."""
     class_weights: Literal["none", "balanced"] = "none"
     """``balanced``: class-weighted cross-entropy (classification only)."""
     labels: Literal["real", "shuffled"] = "real"

@@ -45,7 +45,7 @@ def _worker(index: int, n_workers: int, job: dict, tasks, results) -> None:
     from experiments.augment_compare import Inputs, run_cell
 
     cfg, out = job["cfg"], Path(job["out"])
-    inputs = Inputs(cfg, out, job["split_roots"], job["source_roots"])
+    inputs = Inputs(cfg, out, job["split_roots"], job["source_roots"], job["test_groups"])
     while True:
         item = tasks.get()
         if item is None:

@@ -26,6 +26,9 @@ def summarise(rows: list[dict], arms: list, spec: MetricSpec, chance: dict[str, 
     """Numbers of the report from the results.csv rows (one per finished arm x seed cell)."""
     by_arm = {a.name: sorted((r for r in rows if r["arm"] == a.name), key=lambda r: int(r["seed"]))
               for a in arms}
+    # metrics no cell measured (per-group metrics without a groups file) are left out
+    spec = MetricSpec(tuple(m for m in spec.metrics if m.name == report_cfg.primary or any(
+        math.isfinite(float(r.get(m.name, "nan") or "nan")) for r in rows)), spec.primary, spec.control)
     out = {"metrics": {m.name: {"label": m.label, "higher_is_better": m.higher_is_better,
                                 "bounds": list(m.bounds) if m.bounds else None, "plotted": m.plotted}
                        for m in spec.metrics},

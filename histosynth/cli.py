@@ -24,7 +24,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, No
 BATCH_KEYS = {"train-gan": "train.batch_size (--set train.batch_size=N)",
               "augment-compare": "downstream.train.batch_size (--set downstream.train.batch_size=N)",
               "gan-generate": "--batch-size", "gan-translate": "--tile", "piq-report": "--size",
-              "gan-eval": "--max-images"}
+              "gan-eval": "--max-images", "train-classifier": "train.batch_size (--set train.batch_size=N)",
+              "classify": "--batch-size"}
 
 
 def _is_cuda_oom(e: BaseException) -> bool:
@@ -34,7 +35,8 @@ def _is_cuda_oom(e: BaseException) -> bool:
 
 # what a stopped command keeps, and how to go on
 CONTINUE = {"train-gan": "the last checkpoint is kept: continue with train-gan --resume RUN",
-            "augment-compare": "finished cells are kept: re-run the same command to continue"}
+            "augment-compare": "finished cells are kept: re-run the same command to continue",
+            "train-classifier": "the last epoch's checkpoint is kept: re-run the same command to continue"}
 
 
 class Terminated(BaseException):

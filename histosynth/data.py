@@ -278,7 +278,7 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return (x.float() - mean) / std
 
 
-SAMPLERS = ("random", "balanced")
+SAMPLERS = ("random", "balanced", "class_augment")
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -291,15 +291,25 @@ class StepBatches(Dataset):
     """Item ``k`` is this rank's share of the global batch of training step ``k``: ``data``'s
     items (``data.item(i, seed)``: a classifier's (image, label), a segmenter's (image, mask))
     collated, a deterministic function of (seed, k). A DataLoader over a range of steps
-    (``batch_size=None``) prefetches them in workers when there are any."""
+    (``batch_size=None``) prefetches them in workers when there are any.
+
+    Samplers: ``random`` (each epoch a permutation), ``balanced`` (torchsampler's class weights,
+    drawn with replacement), ``class_augment`` (every tile once, plus each class topped up to the
+    largest with extra draws of its own tiles -- as many as its rarity asks -- that ``data``
+    augments heavily: ``data.item(i, seed, heavy=True)``)."""
 
     def __init__(self, data: Dataset, batch_size: int, seed: int, sampler: str = "random",
                  rank: int = 0, world: int = 1):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         self.data, self.seed, self.sampler, self.rank, self.world = data, seed, sampler, rank, world
-        self.batch_size = min(batch_size, len(data))
-        self.steps_per_epoch = steps_per_epoch(len(data), batch_size)
+        n = len(data)
+        if sampler == "class_augment":
+            labels = np.asarray(data.get_labels())
+            self.classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+            n = len(self.classes) * max(len(c) for c in self.classes)
+        self.batch_size = min(batch_size, n)
+        self.steps_per_epoch = steps_per_epoch(n, batch_size)
         if sampler == "balanced":                # torchsampler's weights: 1 / count of the tile's class
             from torchsampler import ImbalancedDatasetSampler
             self.weights = torch.as_tensor(ImbalancedDatasetSampler(data).weights, dtype=torch.double)
@@ -309,12 +319,21 @@ class StepBatches(Dataset):
         return 2 ** 62          # as many steps as a run asks for
 
     def order(self, epoch: int) -> torch.Tensor:
-        """The tiles of ``epoch`` in the order they are drawn (one generator per epoch)."""
+        """The tiles of ``epoch`` in the order they are drawn (one generator per epoch); with
+        ``class_augment``, ``len(data) + i`` stands for a heavily augmented draw of tile ``i``."""
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             n = self.steps_per_epoch * self.batch_size
-            self._order = (torch.multinomial(self.weights, n, replacement=True, generator=g)
-                           if self.sampler == "balanced" else torch.randperm(len(self.data), generator=g)[:n])
+            if self.sampler == "balanced":
+                self._order = torch.multinomial(self.weights, n, replacement=True, generator=g)
+            elif self.sampler == "class_augment":
+                top = max(len(c) for c in self.classes)
+                extra = [torch.from_numpy(c)[torch.randint(len(c), (top - len(c),), generator=g)] + len(self.data)
+                         for c in self.classes]
+                pool = torch.cat([torch.arange(len(self.data)), *extra])
+                self._order = pool[torch.randperm(len(pool), generator=g)][:n]
+            else:
+                self._order = torch.randperm(len(self.data), generator=g)[:n]
             self._epoch = epoch
         return self._order
 
@@ -327,7 +346,10 @@ class StepBatches(Dataset):
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx, pos = self.indices(step)
-        return default_collate([self.data.item(int(i), (self.seed, step, int(p))) for i, p in zip(idx, pos)])
+        n = len(self.data)
+        return default_collate([self.data.item(int(i), (self.seed, step, int(p))) if i < n else
+                                self.data.item(int(i) - n, (self.seed, step, int(p)), heavy=True)
+                                for i, p in zip(idx, pos)])
 
 
 class BatchSampler:

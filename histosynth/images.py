@@ -100,6 +100,15 @@ def list_images(folder: Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
+def list_images_recursive(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (any depth), sorted; hidden files and folders are left out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"input folder not found: {folder}")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Classes (sorted sub-folder names) and (file, class index) pairs of an ImageFolder tree.
 

@@ -196,6 +196,7 @@ class Metric:
     higher_is_better: bool = True
     bounds: tuple[float, float] | None = (0.0, 1.0)    # intervals are cut to this range
     plotted: bool = True                               # a panel of the report's bar chart
+    needs_groups: bool = False                         # measured per group (data.groups): absent without one
 
 
 @dataclass(frozen=True)
@@ -332,6 +333,10 @@ class Downstream(Protocol):
 
     def build_task(self, cfg: Any, arm: Any, seed: int, train: TileSet, val: SplitData, rt: Any) -> Task: ...
 
-    def score(self, cfg: Any, best: dict, train: TileSet, test: SplitData, cell: Path) -> dict[str, float]: ...
+    def score(self, cfg: Any, best: dict, train: TileSet, test: SplitData, cell: Path,
+              groups: Sequence[str] | None = None) -> dict[str, float]:
+        """``groups``: the group (image, patient) of each test sample, from data.groups; None
+        without one (metrics that need groups are then NaN, and the report leaves them out)."""
+        ...
 
     def plots(self, summary: dict, rows: list[dict], out: Path) -> dict[str, str]: ...

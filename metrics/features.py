@@ -5,8 +5,9 @@
   ImageNet-normalised.
 * ``histology`` (the report's choice for tissue): the same EfficientNet layer, from a classifier
   trained on the real training split (``metrics.histology``) or a histosynth classifier checkpoint.
-* ``efficientnet``: the penultimate layer (global-average-pooled, 1280-d for b0) of an
-  efficientnet-pytorch EfficientNet from a local file: ImageNet weights or, better for histology,
+* ``efficientnet``: the penultimate layer (global-average-pooled, 1280-d for b0) of a classifier
+  backbone (an efficientnet-pytorch EfficientNet by default; any backbone of classifier/model.py
+  through a histosynth checkpoint) from a local file: ImageNet weights or, better for histology,
   a classifier trained on the real training split. A randomly initialised EfficientNet is not
   offered: its eval-mode features vanish (~1e-13), so distances in that space mean nothing.
 * ``pixels``: area-downsampled 8 x 8 RGB (192-d) in [0, 1]: transparent, needs no weights, the
@@ -79,28 +80,29 @@ class InceptionExtractor(Extractor):
         return f"InceptionV3 pool features (2048-d), weights {self.weights}"
 
 
-class EfficientNetExtractor(Extractor):
+class ClassifierExtractor(Extractor):
+    """The pooled features (penultimate layer) of a classifier backbone (classifier/model.py:
+    EfficientNet, ResNet, DenseNet, timm) from a local file: a histosynth classifier checkpoint, or
+    the backbone's own state dict (e.g. ImageNet weights)."""
     name = "efficientnet"
 
     def __init__(self, weights: str | Path, variant: str = "efficientnet-b0", input_size: int = 224,
                  note: str = ""):
         super().__init__()
-        from efficientnet_pytorch import EfficientNet
+        from classifier.model import create_classifier
 
         if not Path(weights).is_file():
-            raise CheckpointError(f"EfficientNet weights not found: {weights} (histosynth never "
+            raise CheckpointError(f"classifier weights not found: {weights} (histosynth never "
                                   "downloads weights; point to a local state dict)")
         state = _state_dict(weights)
-        num_classes = state["_fc.weight"].shape[0] if "_fc.weight" in state else 1000
-        self.net = EfficientNet.from_name(variant, num_classes=num_classes).eval()
-        self.net.load_state_dict(state)
-        self.dim = self.net._fc.in_features
+        head = state.get("head.weight", state.get("_fc.weight"))
+        self.net = create_classifier(variant, head.shape[0] if head is not None else 1000, weights).eval()
+        self.dim = self.net.head.in_features
         self.input_size, self.variant, self.weights, self.note = input_size, variant, weights, note
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.net.extract_features(self.prepare(x))          # B x C x h x w
-        return F.adaptive_avg_pool2d(h, 1).flatten(1)            # B x C
+        return self.net.features(self.prepare(x))                # B x dim
 
     def describe(self) -> str:
         return (f"{self.variant} penultimate layer ({self.dim}-d) at {self.input_size} px, weights "

@@ -4,7 +4,7 @@
 stain + flip augmentation, class-weighted, early-stopped on a stratified 15 % of the training
 tiles held out for validation) and caches its best checkpoint, keyed by the decoded training
 tiles and these settings, so later reports on the same training set reuse it. The distribution
-metrics then use its penultimate layer (``metrics.features.EfficientNetExtractor``). A histosynth
+metrics then use its penultimate layer (``metrics.features.ClassifierExtractor``). A histosynth
 classifier checkpoint (e.g. ``augment-compare``'s ``cells/real_only/seed0/best.pt``) can be given
 instead with ``--weights``.
 """

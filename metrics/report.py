@@ -48,7 +48,7 @@ from histosynth.stain import STAIN_CHANNELS, stain_od
 from histosynth.stats import mean_ci
 from histosynth.viz import markdown_to_html, save_grid
 from metrics.distribution import PRDC_MAX_SAMPLES, distribution_metrics
-from metrics.features import EfficientNetExtractor, Extractor, InceptionExtractor, PixelExtractor
+from metrics.features import ClassifierExtractor, Extractor, InceptionExtractor, PixelExtractor
 from metrics.full_reference import FULL_REFERENCE, paired_folder_scores
 from metrics.memorisation import memorisation
 
@@ -83,7 +83,7 @@ def make_extractor(name: str, weights: str | None, train: str | None = None, pro
                 raise ReportError(f"{weights} is not a histosynth classifier checkpoint (checkpoints/best.pt "
                                   "of an augment-compare cell or of this extractor); use --extractor "
                                   "efficientnet for a plain EfficientNet state dict") from None
-            return EfficientNetExtractor(weights, info["variant"], int(info["image_size"]),
+            return ClassifierExtractor(weights, info["variant"], int(info["image_size"]),
                                          note=f"classifier checkpoint, classes {', '.join(info['classes'])}")
         if not train:
             raise ReportError("--extractor histology needs --train (the real training split it learns "
@@ -103,11 +103,11 @@ def make_extractor(name: str, weights: str | None, train: str | None = None, pro
                 warnings.warn(msg + "; using --extractor pixels instead", stacklevel=2)
                 return PixelExtractor()
             warnings.warn(msg, stacklevel=2)
-        return EfficientNetExtractor(best, ck["variant"], int(ck["image_size"]), note=note)
+        return ClassifierExtractor(best, ck["variant"], int(ck["image_size"]), note=note)
     if not weights:
         raise ReportError(f"--extractor {name} needs --weights FILE (a local state dict; nothing is "
                           "downloaded), or use --extractor pixels")
-    return InceptionExtractor(weights) if name == "inception" else EfficientNetExtractor(weights)
+    return InceptionExtractor(weights) if name == "inception" else ClassifierExtractor(weights)
 
 
 def features(cache: TileCache, ext: Extractor, progress: bool, batch: int = 64) -> torch.Tensor:

@@ -84,7 +84,7 @@ def score(candidates: TileCache, train: TileCache, checkpoint: Path) -> dict[str
     from classifier.train import checkpoint_info, model_from_checkpoint
     from histosynth.engine import load_checkpoint
     from histosynth.runtime import resolve_device
-    from metrics.features import EfficientNetExtractor, PixelExtractor
+    from metrics.features import ClassifierExtractor, PixelExtractor
     from metrics.memorisation import calibrate, nearest
     from metrics.report import features
 
@@ -95,12 +95,12 @@ def score(candidates: TileCache, train: TileCache, checkpoint: Path) -> dict[str
         raise ConfigError("filter", f"synthetic class(es) {', '.join(missing)} are not classes of the training "
                                     f"split ({', '.join(info['classes'])})")
     intended = np.array([info["classes"].index(candidates.classes[y]) for y in candidates.labels])
-    ext = EfficientNetExtractor(checkpoint, info["variant"], int(info["image_size"]))
+    ext = ClassifierExtractor(checkpoint, info["variant"], int(info["image_size"]))
     fc, ft = features(candidates, ext, False), features(train, ext, False)
     model, _ = model_from_checkpoint(ck)
     dev = resolve_device()
     with torch.no_grad():
-        logits = model.to(dev)._fc(fc.to(dev)).float().cpu()                    # the classifier's head
+        logits = model.to(dev).head(fc.to(dev)).float().cpu()                    # the classifier's head
     confidence = torch.softmax(logits, 1)[torch.arange(len(intended)), torch.from_numpy(intended)].numpy()
     train_y = np.array([info["classes"].index(train.classes[y]) for y in train.labels])
     distance = np.zeros(len(intended))

@@ -12,7 +12,7 @@ from histosynth import config as configlib
 from histosynth.config import CONFIG_DIR, ConfigError
 
 ALL_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
-GAN_CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith("compare")]   # compare*: test_compare
+GAN_CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(("compare", "classifier"))]   # test_compare, test_transfer
 COMMON = ["data.image_size", "train.steps", "train.batch_size", "train.seed",
           "train.checkpoint_every", "train.sample_every"]
 

@@ -384,7 +384,7 @@ class MeanColour:
     def build_task(self, cfg, arm, seed, train, val, rt):
         return MeanColourTask(cfg.epochs, train, val, rt, seed)
 
-    def score(self, cfg, best, train, test, cell):
+    def score(self, cfg, best, train, test, cell, groups=None):
         net = torch.nn.Linear(3, len(train.classes))
         net.load_state_dict(best["modules"]["net"])
         return {"accuracy": accuracy(net, test)}

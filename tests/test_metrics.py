@@ -11,7 +11,7 @@ from PIL import Image
 
 from histosynth.data import TileCache
 from metrics.distribution import SmallSampleWarning, distribution_metrics
-from metrics.features import EfficientNetExtractor, InceptionExtractor, PixelExtractor
+from metrics.features import ClassifierExtractor, InceptionExtractor, PixelExtractor
 from metrics.full_reference import FULL_REFERENCE, paired_folder_scores, read_unit_float
 from histosynth.checkpoint import CheckpointError
 
@@ -128,9 +128,9 @@ def test_extractors_never_touch_the_network(monkeypatch, tmp_path):
     feats = ext(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
     assert feats.shape == (2, 2048) and "inc.pth" in ext.describe()
     with pytest.raises(CheckpointError, match="never downloads"):
-        EfficientNetExtractor(tmp_path / "none.pth")
+        ClassifierExtractor(tmp_path / "none.pth")
     from efficientnet_pytorch import EfficientNet
     torch.save(EfficientNet.from_name("efficientnet-b0", num_classes=3).state_dict(), tmp_path / "eff.pth")
-    eff = EfficientNetExtractor(tmp_path / "eff.pth")
+    eff = ClassifierExtractor(tmp_path / "eff.pth")
     assert eff(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)).shape == (2, 1280)
     assert "eff.pth" in eff.describe()

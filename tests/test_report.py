@@ -78,7 +78,7 @@ def test_report_errors_are_one_line(crc_mini, tmp_path, capsys):
 
 def test_histology_extractor_is_trained_once_and_cached(crc_mini, monkeypatch):
     from metrics.histology import histology_weights
-    from metrics.features import EfficientNetExtractor
+    from metrics.features import ClassifierExtractor
     best, note = histology_weights(crc_mini, progress=False, epochs=2)
     import classifier.train
 
@@ -87,7 +87,7 @@ def test_histology_extractor_is_trained_once_and_cached(crc_mini, monkeypatch):
 
     monkeypatch.setattr(classifier.train, "fit", boom)
     assert histology_weights(crc_mini, progress=False, epochs=2) == (best, note)
-    ext = EfficientNetExtractor(best, "efficientnet-b0", 64)
+    ext = ClassifierExtractor(best, "efficientnet-b0", 64)
     from histosynth.data import TileCache
     x = torch.from_numpy(np.array(TileCache.build(crc_mini, 64, progress=False).images[:4]))
     f = ext(x)
