@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     from classifier.train import checkpoint_info
     from histosynth.data import TileCache, default_cache_dir
     from histosynth.engine import load_checkpoint
-    from metrics.features import EfficientNetExtractor
+    from metrics.features import ClassifierExtractor
     from metrics.histology import histology_weights
 
     data = Path(args.data)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     best, note = histology_weights(data, progress=False)
     extractor_s = time.perf_counter() - t
     info = checkpoint_info(load_checkpoint(best))
-    ext = EfficientNetExtractor(best, info["variant"], int(info["image_size"]))
+    ext = ClassifierExtractor(best, info["variant"], int(info["image_size"]))
     real = TileCache.build(data, 64, cache_dir=default_cache_dir(), progress=False)
     pick = np.random.default_rng(0).permutation(len(real))[:1000]
     with torch.no_grad():

@@ -105,7 +105,8 @@ class Segmentation:
         ds = PairDataset(train.images, train.targets, arm.augment, cfg.model.image_size, seed)
         return SegmentationTask(cfg, ds, val.images, val.masks, rt, seed)
 
-    def score(self, cfg: SegmenterConfig, best: dict, train: TileSet, test: PairSet, cell: Path) -> dict[str, float]:
+    def score(self, cfg: SegmenterConfig, best: dict, train: TileSet, test: PairSet, cell: Path,
+              groups: Sequence[str] | None = None) -> dict[str, float]:
         rt = self.runtime(cfg)
         model, info = model_from_checkpoint(best)
         probs = predict_images(rt.prepare(model), test.images, rt, cfg.eval.window)
