@@ -242,3 +242,26 @@ def test_train_classifier_then_classify_as_a_new_user_would(crc_mini, tmp_path, 
     assert all(abs(sum(float(r[f"p_{c}"]) for c in classes) - 1) < 1e-3 and r["predicted"] in classes for r in rows)
     assert classify_main(["--run", str(tmp_path / "nowhere"), "--input", str(new), "--out", str(tmp_path / "q.csv")]) == 2
     assert "holds no classifier checkpoint" in capsys.readouterr().err
+
+
+def test_a_missing_cached_weight_file_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, no_network):
+    from classifier.train_classifier import main as train_main
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    assert train_main(["--out", str(tmp_path / "out"), "--no-progress", "--set", "model.variant=resnet50",
+                       "--set", "model.weights=imagenet", *sum((["--set", s] for s in FAST), [])]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert "resnet50-11ad3fa6.pth is not in torch's cache" in err and "https://download.pytorch.org" in err
+
+
+def test_importing_the_augmentation_library_opens_no_connection(tmp_path):
+    import subprocess
+    import sys
+    code = ("import socket\n"
+            "def refuse(*a, **k): raise SystemExit('a network connection was attempted')\n"
+            "socket.socket.connect = refuse\nsocket.create_connection = refuse\n"
+            "import histosynth, classifier.augment, segmentation.augment\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True, env=env,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-500:]
