@@ -189,16 +189,24 @@ def select_folder(source: str | Path, out: str | Path, train_root: str | Path, s
         c, (want, got) = next(iter(short.items()))
         raise ConfigError("filter", f"only {got} {c} tiles of {source} pass the filter ({spec.describe()}), "
                                     f"{want} are needed; generate more candidates or loosen the filter")
+    write_selection(out, source, rows, table, spec, counts, note, train_root, train.files)
+    plot_selection(cands, kept, rank, s, spec, out / "selection.png")
+    return {"folder": str(out), "filter": spec.describe(), "counts": counts}
+
+
+def write_selection(out: Path, source: Path, rows: list[dict], table: list[dict], spec: FilterConfig, counts: dict,
+                    note: str, train_root: Path, train_files: list[str]) -> None:
+    """A selection's records: manifest.csv (the kept files, with their scores), selection.csv
+    (every candidate) and source.json (the generator's provenance, plus the files the selector
+    was trained on, which the leakage guard checks against validation and test)."""
     if rows:
         atomic_write_csv(out / "manifest.csv", rows, list(rows[0]))
     atomic_write_csv(out / "selection.csv", table, list(table[0]))
     info = json.loads((source / "source.json").read_text()) if (source / "source.json").is_file() else {}
     info["selected"] = {"from": str(source.resolve()), "filter": spec.describe(), "counts": counts,
                         "selector": note, "selector_train_root": str(train_root.resolve()),
-                        "selector_train_files_sha256": sorted({sha256_file(train_root / f) for f in train.files})}
+                        "selector_train_files_sha256": sorted({sha256_file(train_root / f) for f in train_files})}
     atomic_write_text(out / "source.json", json.dumps(info, indent=1))
-    plot_selection(cands, kept, rank, s, spec, out / "selection.png")
-    return {"folder": str(out), "filter": spec.describe(), "counts": counts}
 
 
 def plot_selection(cands: TileCache, kept: np.ndarray, rank: np.ndarray, s: dict, spec: FilterConfig,

@@ -15,7 +15,6 @@ generator's provenance plus the selector's training files, which the leakage gua
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from pathlib import Path
 
@@ -23,10 +22,10 @@ import numpy as np
 import torch
 
 from histosynth import engine
-from histosynth.checkpoint import atomic_write_csv, atomic_write_text, sha256_file
+from histosynth.checkpoint import sha256_file
 from histosynth.config import ConfigError
 from histosynth.paths import claim_output_dir, inside
-from metrics.selection import FilterConfig
+from metrics.selection import FilterConfig, write_selection
 from segmentation.config import SegmenterConfig
 from segmentation.data import PAIRS, PairSet, load_pairs
 from segmentation.metrics import dice_iou
@@ -108,14 +107,7 @@ def select_pairs(source: str | Path, out: str | Path, train_root: str | Path, sp
                 shutil.copy2(source / rel, dst)
                 base = manifest.get(rel, {"file": rel, "class": PAIRS, "sha256": sha256_file(dst)})
                 rows.append({**base, "agreement": entry["agreement"]})
-    if rows:
-        atomic_write_csv(out / "manifest.csv", rows, list(rows[0]))
-    atomic_write_csv(out / "selection.csv", table, list(table[0]))
-    info = json.loads((source / "source.json").read_text()) if (source / "source.json").is_file() else {}
-    info["selected"] = {"from": str(source.resolve()), "filter": spec.describe(), "counts": counts,
-                        "selector": note, "selector_train_root": str(train_root.resolve()),
-                        "selector_train_files_sha256": sorted({sha256_file(train_root / f) for f in train.files})}
-    atomic_write_text(out / "source.json", json.dumps(info, indent=1))
+    write_selection(out, source, rows, table, spec, counts, note, train_root, train.files)
     plot_pair_selection(cands, s, kept, spec, out / "selection.png")
     return {"folder": str(out), "filter": spec.describe(), "counts": counts}
 
