@@ -3,8 +3,12 @@
     python benchmarks/run.py                       # every section -> benchmarks/results/benchmarks.{json,md}
     python benchmarks/run.py --sections sngan32 cyclegan --iters 10
 
-Sections (medians over ``--iters`` repetitions after a warm-up; device, dtype, layout, threads and
-torch version recorded):
+Sections (medians over ``--iters`` repetitions after a warm-up; device, dtype, layout, threads,
+torch version, the CPU model and its avx2 / avx512_bf16 / amx flags recorded). Each section runs in
+its own process and the results files are rewritten after each one: a failed section is named in
+them and the others are kept. Everything runs on a fresh clone (bundled data only).
+
+* ``conv``      the fp32 convolution ceiling of this CPU (3x3, 256 channels, forward + backward)
 
 * ``gans``      one training iteration of each family at 64 px, batch 64 (shipped widths)
 * ``sngan32``   mimicry's SNGAN-32 shape (ResNet G 4.3 M / D 1.1 M, ch 64, hinge, batch 64):
@@ -46,6 +50,10 @@ sys.path.insert(0, str(ROOT))
 from histosynth.runtime import Runtime  # noqa: E402
 
 DEMO = ROOT / "data" / "lung_demo"
+# the CycleGAN section times steps, not translations: two bundled folders of 384 px H&E crops stand
+# in for the two domains, so the benchmarks run on a fresh clone
+BUNDLED_A = ROOT / "data" / "monuseg_demo" / "train" / "images"
+BUNDLED_B = ROOT / "data" / "monuseg_demo" / "test" / "images"
 # issue 6: medians measured with the reference code on this machine kind (2 cores, fp32)
 QUOTED = {"sngan32_d_step": 2.43, "sngan32_g_step": 3.58, "sngan32_iteration": 15.7,
           "cyclegan_b1_256": 5.83, "cyclegan_b4_128": 6.18}
@@ -133,19 +141,25 @@ def section_sngan32(iters: int) -> list[dict]:
     return rows
 
 
+def cyclegan_config(batch: int, size: int, amp: str, cl: str, comp: str):
+    """junyanz's CycleGAN shape on the bundled stand-in domains."""
+    from gans.train_gan import load_config
+    return load_config("cyclegan_cpu", [f"data.root_a={BUNDLED_A}", f"data.root_b={BUNDLED_B}",
+                                        f"train.batch_size={batch}", f"data.image_size={size}",
+                                        "data.load_size=256", "data.cache=memory", "model.ngf=64",
+                                        "model.ndf=64", "model.n_blocks=9", "model.d_layers=3",
+                                        "loss.type=lsgan", "loss.lambda_identity=0.5",
+                                        "loss.pool_size=50", f"train.amp={amp}",
+                                        f"train.channels_last={cl}", f"train.compile={comp}"])[0]
+
+
 def section_cyclegan(iters: int) -> list[dict]:
     from gans.families.cyclegan import CycleGANTask, load_data
-    from gans.train_gan import load_config
 
     rows = []
     for batch, size, quoted in ((1, 256, "cyclegan_b1_256"), (4, 128, "cyclegan_b4_128")):
         for path, (amp, cl, comp) in PATHS_COMPILE.items():
-            cfg, _ = load_config("cyclegan_cpu", [f"train.batch_size={batch}", f"data.image_size={size}",
-                                                  "data.load_size=256", "data.cache=memory", "model.ngf=64",
-                                                  "model.ndf=64", "model.n_blocks=9", "model.d_layers=3",
-                                                  "loss.type=lsgan", "loss.lambda_identity=0.5",
-                                                  "loss.pool_size=50", f"train.amp={amp}",
-                                                  f"train.channels_last={cl}", f"train.compile={comp}"])
+            cfg = cyclegan_config(batch, size, amp, cl, comp)
             rt = Runtime.from_choices(cfg.train.device, cfg.train.amp, cfg.train.channels_last, cpu_fast_path=True)
             torch.manual_seed(0)
             torch._dynamo.reset()     # a training run has one shape: no dynamic-shape kernels from the last size
@@ -160,7 +174,8 @@ def section_cyclegan(iters: int) -> list[dict]:
 
 def section_effnet(iters: int) -> list[dict]:
     """The classifier's own training step (ClassifierTask.train_step: batch assembly from uint8
-    tiles, forward, loss, backward, AdamW) on random tiles."""
+    tiles, forward, loss, backward, AdamW) on random tiles; the reference is efficientnet-pytorch's
+    network as it comes (its memory-efficient swish, fp32, NCHW)."""
     import numpy as np
     from classifier.config import ClassifierConfig
     from classifier.data import TileDataset
@@ -177,6 +192,8 @@ def section_effnet(iters: int) -> list[dict]:
             rt = Runtime.from_choices("auto", "auto", cl)
             torch.manual_seed(0)
             task = ClassifierTask(cfg, data, tiles[:1], np.zeros(1, int), ["a", "b", "c"], rt, seed=0)
+            if path.startswith("reference"):
+                task.model.body.set_swish(memory_efficient=True)    # efficientnet-pytorch's default
             s = _median_time(task.train_step, iters, rt)
             rows.append({"bench": f"EfficientNet-B0 train step b{batch} {size}px", "path": path,
                          "runtime": rt.describe(), "s": s, "images_per_s": batch / s,
@@ -281,7 +298,32 @@ def section_metrics(iters: int) -> list[dict]:
     return rows
 
 
-SECTIONS = {"gans": section_gans, "sngan32": section_sngan32, "cyclegan": section_cyclegan,
+def section_conv(iters: int) -> list[dict]:
+    """The plain fp32 convolution throughput of this CPU: the ceiling the CycleGAN figures are read
+    against (its resnet blocks are 3x3 convolutions of 256 channels at 64x64 for 256 px input).
+    Forward + backward of one such convolution, NCHW and channels_last."""
+    rows = []
+    rt = Runtime.from_choices("auto", "off", "off")
+    for batch, ch, hw in ((1, 256, 64), (4, 256, 32)):
+        for layout in ("NCHW", "channels_last"):
+            torch.manual_seed(0)
+            conv = torch.nn.Conv2d(ch, ch, 3, padding=1).to(rt.device)
+            x = torch.randn(batch, ch, hw, hw, device=rt.device, requires_grad=True)
+            if layout == "channels_last":
+                conv, x = conv.to(memory_format=torch.channels_last), \
+                    x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+
+            def step():
+                conv(x).sum().backward()
+            fl = _flops(step)
+            s = _median_time(step, max(iters, 5), rt)
+            rows.append({"bench": f"fp32 conv3x3 {ch}->{ch} at {hw}x{hw}, b{batch}, forward + backward",
+                         "path": f"microbenchmark, {layout}", "runtime": f"{rt.device} | fp32 | {layout}",
+                         "s": s, "images_per_s": batch / s, "flops": fl})
+    return rows
+
+
+SECTIONS = {"conv": section_conv, "gans": section_gans, "sngan32": section_sngan32, "cyclegan": section_cyclegan,
             "effnet": section_effnet, "data": section_data, "scale": section_scale,
             "metrics": section_metrics}
 
@@ -298,8 +340,11 @@ def _run_one(name: str, iters: int) -> list[dict]:
 
 
 def _markdown(meta: dict, rows: list[dict]) -> str:
+    cpu = (f"CPU: {meta['cpu']}; flags {', '.join(meta['cpu_flags']) or 'none of avx2/avx512/amx'}; "
+           f"torch kernels {meta['torch_cpu_capability']}, oneDNN ISA {meta['onednn_max_cpu_isa']}"
+           if "cpu_flags" in meta else f"CPU: {meta.get('cpu', '?')}")
     lines = [f"device: {meta['device'].replace(' | ', ', ')}; torch {meta['torch']}; {meta['threads']} threads; "
-             f"medians of {meta['iters']} after warm-up; {meta['time']}", "",
+             f"medians of {meta['iters']} after warm-up; {meta['time']}", "", cpu, "",
              "| benchmark | path | runtime | s | images/s | speed-up vs fp32 eager | quoted reference s | x quoted | GFLOP/s | peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["bench"]: r["s"] for r in rows if r["path"].startswith("reference-equivalent")}
@@ -311,7 +356,65 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         runtime = r.get("runtime", "").replace(" | ", ", ")
         lines.append(f"| {r['bench']} | {r['path']} | {runtime} | {r['s']:.3f} | "
                      f"{r['images_per_s']:.1f} | {ratio} | {quoted or ''} | {xq} | {gflops} | {r['peak_rss_mb']:.0f} |")
+    conv = max((r["flops"] / r["s"] for r in rows if r.get("section") == "conv" and r.get("flops")), default=None)
+    if conv:
+        lines += ["", f"fp32 convolution ceiling (best of the conv microbenchmark): {conv / 1e9:.1f} GFLOP/s"]
+        lines += [f"- {r['bench']}, {r['path']}: {r['flops'] / r['s'] / 1e9:.1f} GFLOP/s = "
+                  f"{100 * r['flops'] / r['s'] / conv:.0f} % of it" for r in rows
+                  if r.get("section") == "cyclegan" and r.get("flops") and "fp32" in r.get("runtime", "")]
+    peak = meta.get("peak_bf16_tflops")
+    if peak:
+        lines += ["", f"MFU against the device's dense bf16 peak ({peak:.0f} TFLOP/s):"]
+        lines += [f"- {r['bench']}, {r['path']}: {r['flops'] / r['s'] / 1e12:.2f} TFLOP/s = "
+                  f"{100 * r['flops'] / r['s'] / 1e12 / peak:.2f} %" for r in rows if r.get("flops")]
+    for name, why in meta.get("failed", {}).items():
+        lines += ["", f"section {name} FAILED: {why}"]
     return "\n".join(lines) + "\n"
+
+
+def cpu_facts() -> dict:
+    """What the figures depend on: the CPU model, its bf16/AMX/AVX flags and the kernels torch uses
+    (``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` can hold a bigger CPU to AVX2)."""
+    import os
+    flags, model = set(), platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+                                        if f in flags],
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default")}
+
+
+# dense bf16 tensor-core peaks (TFLOP/s, vendor data sheets) for the MFU column; HISTOSYNTH_PEAK_TFLOPS
+# overrides, e.g. for a GPU not listed or a power-capped one
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
+                    "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0}
+
+
+def device_peak_tflops() -> float | None:
+    import os
+    if os.environ.get("HISTOSYNTH_PEAK_TFLOPS"):
+        return float(os.environ["HISTOSYNTH_PEAK_TFLOPS"])
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def _write(out: Path, meta: dict, rows: list[dict]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "benchmarks.json.tmp"
+    tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    tmp.replace(out / "benchmarks.json")
+    md = _markdown(meta, rows)
+    (out / "benchmarks.md").write_text(md)
+    return md
 
 
 def main() -> None:
@@ -324,34 +427,36 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only rewrite benchmarks.md from benchmarks.json")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    out = Path(args.out)
     if args.render:
-        data = json.loads((Path(args.out) / "benchmarks.json").read_text())
-        (Path(args.out) / "benchmarks.md").write_text(_markdown(data["meta"], data["results"]))
+        data = json.loads((out / "benchmarks.json").read_text())
+        (out / "benchmarks.md").write_text(_markdown(data["meta"], data["results"]))
         return
     if args._child:
         SCALE_SIZES[:] = args.scale
         print(json.dumps(_run_one(args._child, args.iters)))
         return
-    rows = []
-    for name in args.sections:
-        print(f"benchmarks: {name} ...", file=sys.stderr, flush=True)
-        out = subprocess.run([sys.executable, __file__, "--_child", name, "--iters", str(args.iters),
-                              "--scale", *map(str, args.scale)], capture_output=True, text=True)
-        if out.returncode:
-            print(out.stderr[-2000:], file=sys.stderr)
-            raise SystemExit(f"benchmark section {name} failed")
-        rows += json.loads(out.stdout.strip().splitlines()[-1])
     rt = Runtime.from_choices("auto", "auto", "auto", cpu_fast_path=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "device": rt.describe() + (
+            **cpu_facts(), "device": rt.describe() + (
                 f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
-            "iters": args.iters, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmarks.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    md = _markdown(meta, rows)
-    (out / "benchmarks.md").write_text(md)
+            "iters": args.iters, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "failed": {},
+            "peak_bf16_tflops": device_peak_tflops()}
+    rows: list[dict] = []
+    for name in args.sections:               # each section alone; what finished is written at once
+        print(f"benchmarks: {name} ...", file=sys.stderr, flush=True)
+        run = subprocess.run([sys.executable, __file__, "--_child", name, "--iters", str(args.iters),
+                              "--scale", *map(str, args.scale)], capture_output=True, text=True)
+        if run.returncode:
+            print(run.stderr[-2000:], file=sys.stderr)
+            meta["failed"][name] = (run.stderr.strip().splitlines() or ["(no message)"])[-1][:300]
+            print(f"benchmarks: section {name} failed; going on with the others", file=sys.stderr)
+        else:
+            rows += json.loads(run.stdout.strip().splitlines()[-1])
+        md = _write(out, meta, rows)
     print(md)
+    if meta["failed"]:
+        raise SystemExit(f"benchmark sections failed: {', '.join(meta['failed'])} (the others are in {out})")
 
 
 if __name__ == "__main__":

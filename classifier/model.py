@@ -86,6 +86,9 @@ def _raw(variant: str, imagenet: bool) -> tuple[nn.Module, str]:
         from efficientnet_pytorch import EfficientNet
         from efficientnet_pytorch.utils import load_pretrained_weights, url_map
         net = EfficientNet.from_name(variant)
+        # the library's own switch from its Python-level autograd Function (sigmoid recomputed in
+        # backward, saves little at tile sizes) to torch's fused SiLU kernels: the same function
+        net.set_swish(memory_efficient=False)
         if imagenet:
             if variant not in url_map:
                 raise WeightsNotCached(f"efficientnet-pytorch publishes no standard ImageNet weights for {variant}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -46,8 +47,16 @@ def compiled(module: torch.nn.Module, choice: str, key: str = "train.compile") -
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Does this CPU compute bf16 natively (Intel AMX tiles or AVX-512 BF16)?"""
+    """Does this CPU compute bf16 natively (Intel AMX tiles or AVX-512 BF16), and may torch use it?
+    ``ATEN_CPU_CAPABILITY=avx2`` or ``ONEDNN_MAX_CPU_ISA=AVX2`` hold torch to AVX2 kernels (as on
+    most laptops and AMD EPYC): bf16 is then emulated and slower than fp32, so the answer is no."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if not (isa == "ALL" or isa.startswith("AVX512_CORE_BF16") or isa.startswith("AVX512_CORE_AMX")
+            or isa.startswith("AVX10")):
+        return False
     try:
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+            return False
         return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except (AttributeError, RuntimeError):
         return False

@@ -5,6 +5,7 @@ snapshots, the finished-run record, scoped global state)."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -163,6 +164,24 @@ def test_learning_rate_schedules_by_hand():
     cos = LRSchedule("cosine", warmup=2)
     assert [cos.factor(s, 10) for s in (0, 1)] == pytest.approx([0.5, 1.0])      # (step + 1) / warmup
     assert cos.factor(6, 10) == pytest.approx(0.5) and cos.factor(10, 10) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("env", [{"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"ONEDNN_MAX_CPU_ISA": "avx2_vnni"}])
+def test_a_cpu_held_to_avx2_kernels_takes_the_fp32_path(env, monkeypatch):
+    """bf16 on a CPU without native bf16 is emulated and slower than fp32: ``auto`` must not
+    choose it there, also when a bigger CPU is held to AVX2 kernels (how the AVX2 path is measured)."""
+    from histosynth.runtime import cpu_has_fast_bf16
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert not cpu_has_fast_bf16()
+    rt = Runtime.from_choices("cpu", "auto", "auto", cpu_fast_path=True)
+    assert rt.amp_dtype is None and not rt.channels_last
+    code = ("from histosynth.runtime import Runtime; rt = Runtime.from_choices('cpu', 'auto', 'auto', True);"
+            "print(rt.amp_dtype, rt.channels_last)")
+    held = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"} | {"ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT,
+                         env=held, check=True).stdout
+    assert out.split() == ["None", "False"]
 
 
 def test_global_state_is_restored_after_a_run_and_a_cli_call(tmp_path):
