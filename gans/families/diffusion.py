@@ -183,7 +183,13 @@ def sampling_scheduler(name: str, train_config: dict):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
     if name == "ddim":
         return DDIMScheduler.from_config(train_config)
-    return DPMSolverMultistepScheduler.from_config(train_config, algorithm_type="dpmsolver++", solver_order=2)
+    # pixel-space data predictions kept in [-1, 1] (dynamic thresholding with a ceiling of 1, as
+    # DDIM's clip_sample does) and lambda(t) clipped as diffusers prescribes for the cosine
+    # schedule: without them the first data prediction is divided by alpha(995) ~ 1/160 and the
+    # solver ends in saturated noise
+    return DPMSolverMultistepScheduler.from_config(train_config, algorithm_type="dpmsolver++", solver_order=2,
+                                                   thresholding=True, sample_max_value=1.0,
+                                                   lambda_min_clipped=-5.1, timestep_spacing="linspace")
 
 
 # ----------------------------------------------------------------------------------------------
