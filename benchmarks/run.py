@@ -9,7 +9,6 @@ its own process and the results files are rewritten after each one: a failed sec
 them and the others are kept. Everything runs on a fresh clone (bundled data only).
 
 * ``conv``      the fp32 convolution ceiling of this CPU (3x3, 256 channels, forward + backward)
-
 * ``gans``      one training iteration of each family at 64 px, batch 64 (shipped widths)
 * ``sngan32``   mimicry's SNGAN-32 shape (ResNet G 4.3 M / D 1.1 M, ch 64, hinge, batch 64):
                 one D step, one G step, one iteration of 5 D + 1 G steps
