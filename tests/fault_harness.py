@@ -79,7 +79,8 @@ def kill_tree(pid: int) -> list[int]:
 def _gan_job(family: str, procs: int = 1, root: Path = TILES, **extra):
     """train-gan of ``family`` from its own smoke settings, longer, on the harness's tiles (or pairs)."""
     from gans.registry import families
-    sets = [*families()[family].smoke, f"data.root={root}", f"train.steps={200 if procs == 1 else 60}",
+    fam = families()[family]
+    sets = [*fam.smoke, f"data.root={root}", f"train.steps={200 if procs == 1 else 60}",
             "train.checkpoint_every=4", "train.sample_every=50", "train.log_every=2",
             *(f"{k}={v}" for k, v in extra.items())]
     launch = [sys.executable, "-m", "gans.train_gan"] if procs == 1 else [
@@ -87,7 +88,7 @@ def _gan_job(family: str, procs: int = 1, root: Path = TILES, **extra):
         "-m", "gans.train_gan"]
 
     def start(out):
-        return [*launch, "--cfg", family, "--out", str(out), "--no-progress", *_sets(sets)]
+        return [*launch, "--cfg", fam.config_file, "--out", str(out), "--no-progress", *_sets(sets)]
 
     def resume(out):
         return [*launch, "--resume", str(out), "--no-progress"]
