@@ -213,6 +213,13 @@ class TrainConfig:
                     images_per_step=images_per_step)
 
 
+def image_to_image_train(batch_size: int) -> TrainConfig:
+    """The training defaults of the image-to-image families (pix2pix, Isola et al. 2017; CycleGAN,
+    Zhu et al. 2017): Adam 2e-4 with betas (0.5, 0.999) for G and D, no EMA, linear decay."""
+    return TrainConfig(batch_size=batch_size, lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.999), ema_decay=0.0,
+                       lr_schedule="linear", lr_decay_start=None)
+
+
 @dataclass
 class GANConfig:
     data: DataConfig = field(default_factory=DataConfig)

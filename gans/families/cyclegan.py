@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gans.config import TrainConfig
+from gans.config import TrainConfig, image_to_image_train
 from gans.registry import Family
 from histosynth import config as configlib
 from histosynth.checkpoint import sha256_file
@@ -116,9 +116,7 @@ class CycleGANConfig:
     data: CycleDataConfig = field(default_factory=CycleDataConfig)
     model: CycleModelConfig = field(default_factory=CycleModelConfig)
     loss: CycleLossConfig = field(default_factory=CycleLossConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        batch_size=1, lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.999), ema_decay=0.0,
-        lr_schedule="linear", lr_decay_start=None))
+    train: TrainConfig = field(default_factory=lambda: image_to_image_train(batch_size=1))
     eval: CycleEvalConfig = field(default_factory=CycleEvalConfig)
 
     def __post_init__(self):

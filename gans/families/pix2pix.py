@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gans.config import TrainConfig
+from gans.config import TrainConfig, image_to_image_train
 from gans.families.cyclegan import PatchDiscriminator
 from gans.registry import Family
 from histosynth import config as configlib
@@ -110,9 +110,7 @@ class Pix2PixConfig:
     data: PairDataConfig = field(default_factory=PairDataConfig)
     model: PairModelConfig = field(default_factory=PairModelConfig)
     loss: PairLossConfig = field(default_factory=PairLossConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        batch_size=4, lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.999), ema_decay=0.0,
-        lr_schedule="linear", lr_decay_start=None))
+    train: TrainConfig = field(default_factory=lambda: image_to_image_train(batch_size=4))
     sample: PairSampleConfig = field(default_factory=PairSampleConfig)
 
     def __post_init__(self):
