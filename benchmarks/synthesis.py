@@ -200,7 +200,7 @@ def markdown(meta, curves, rates, costs) -> str:
             L.append(f"| {name} | no snapshot | | | |")
             continue
         b = min(p, key=lambda r: r["kid"])
-        L.append(f"| {name} | {p[-1]['step']} | {p[-1]['kid']:.4f} | {b['kid']:.4f} ({b['step']}) | {p[-1]['fid']:.1f} |")
+        L.append(f"| {name} | {p[-1]['step']} | {p[-1]['kid']:.4g} | {b['kid']:.4g} ({b['step']}) | {p[-1]['fid']:.4g} |")
     L += ["", "| family | sampler steps | tiles/s |", "|---|---|---|"]
     L += [f"| {r['family']} | {r['sampler_steps'] or 'one pass'} | {r['tiles_per_s']:.1f} |" for r in rates]
     L += ["", "| family | candidates -> kept | generation s / kept tile | selection s / kept tile |", "|---|---|---|---|"]
@@ -220,6 +220,8 @@ def plot(curves, path: Path, meta) -> None:
         pts = c["points"]
         for ax, key in zip(axes, ("kid", "fid")):
             ax.plot([p["seconds"] / 60 for p in pts], [p[key] for p in pts], marker="o", ms=3, label=name)
+    axes[0].set_yscale("symlog", linthresh=1e-2)     # KID can dip below 0; an untrained model's is huge
+    axes[1].set_yscale("log")
     for ax, key in zip(axes, ("KID", "FID")):
         ax.set_xlabel("minutes of training (2 CPU cores)")
         ax.set_title(f"{key}, histology features (lower is better)")
