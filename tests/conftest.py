@@ -13,6 +13,9 @@ from histosynth.config import PROJECT_ROOT
 
 SHARED = Path(os.environ.get("HISTOSYNTH_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 DEMO = PROJECT_ROOT / "data" / "lung_demo"
+# timm's tiny test EfficientNet (< 0.5 M parameters): for tests of the comparison machinery, which
+# hold for any backbone; EfficientNet-B0 itself is trained by the classifier and engine tests
+TINY_BACKBONE = "timm/test_efficientnet"
 
 
 @pytest.fixture(autouse=True)

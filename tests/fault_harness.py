@@ -109,10 +109,11 @@ def _cyclegan_job():
     return start, resume, _gan_final, False
 
 
-def _compare_job(arms: str, seeds: str, epochs: int):
+def _compare_job(arms: str, seeds: str, epochs: int, variant: str = "efficientnet-b0"):
     return _compare_run("compare_demo", [
         f"data.root={TILES}", "data.split=stratified", "generators={}", f"arms={arms}", f"seeds={seeds}",
-        "downstream.model.image_size=32", "downstream.model.bn_momentum=0.5", "downstream.train.batch_size=8",
+        f"downstream.model.variant={variant}", "downstream.model.image_size=32", "downstream.model.bn_momentum=0.5",
+        "downstream.train.batch_size=8",
         f"downstream.train.epochs={epochs}", "downstream.train.patience=0", "downstream.train.min_epochs=0",
         "downstream.train.device=cpu"])
 
@@ -146,7 +147,8 @@ JOBS = {
     "pix2pix": lambda: _gan_job("pix2pix", root=PAIRS / "train", **{"train.steps": 60}),
     "segmentation": _segmentation_job,
     "classifier": lambda: _compare_job("[{name: real_only, augment: classic}]", "[0]", 12),
-    "compare": lambda: _compare_job("[{name: real_only}, {name: balanced, sampler: balanced}]", "[0, 1]", 4),
+    "compare": lambda: _compare_job("[{name: real_only}, {name: balanced, sampler: balanced}]", "[0, 1]", 4,
+                                    "timm/test_efficientnet"),      # the runner's resume; any backbone
 }
 
 

@@ -24,11 +24,11 @@ from histosynth import config as configlib
 from histosynth.config import PROJECT_ROOT
 from histosynth.data import TileCache
 from histosynth.engine import RunDir
-from conftest import image_files
+from conftest import TINY_BACKBONE, image_files
 
 FAST = ["downstream.model.image_size=32", "downstream.train.batch_size=8", "downstream.train.device=cpu",
         "downstream.train.patience=0", "downstream.train.epochs=2", "downstream.train.min_epochs=0",
-        "downstream.model.bn_momentum=0.5"]
+        "downstream.model.bn_momentum=0.5", f"downstream.model.variant={TINY_BACKBONE}"]
 TINY_GAN = ("[data.image_size=32, model.ch=8, model.z_dim=16, train.batch_size=8, train.steps=4, "
             "train.checkpoint_every=2, train.sample_every=2, train.log_every=1, "
             "train.samples_per_class=2, train.device=cpu]")
@@ -234,7 +234,7 @@ def test_tiny_compare_with_gan_stage_writes_every_report_file(crc_mini, tmp_path
 def _write_cfg(path: Path, root: Path, arms: str, seeds: str, epochs: int) -> Path:
     data = yaml.safe_load("\n".join(["{", f"data: {{root: '{root}', split: stratified}},",
                                      f"arms: {arms},", f"seeds: {seeds}", "}"]))
-    data["downstream"] = {"model": {"image_size": 32, "bn_momentum": 0.5},
+    data["downstream"] = {"model": {"image_size": 32, "bn_momentum": 0.5, "variant": TINY_BACKBONE},
                           "train": {"batch_size": 8, "device": "cpu", "patience": 0, "epochs": epochs}}
     path.write_text(yaml.safe_dump(data))
     return path
@@ -277,7 +277,7 @@ def test_label_shuffled_control_stays_near_chance_on_real_data(tmp_path):
     cfg = _cfg(f"data.root={demo}", "arms=[{name: real_only}, {name: shuffled, labels: shuffled}]",
                "seeds=[0, 1]", "downstream.model.image_size=48", "downstream.model.bn_momentum=0.5",
                "downstream.train.epochs=10", "downstream.train.patience=0", "downstream.train.device=cpu",
-               "downstream.train.lr=2e-3")
+               "downstream.train.lr=2e-3", f"downstream.model.variant={TINY_BACKBONE}")
     s = run_compare(cfg, tmp_path / "out", progress=False)
     chance = s["chance"]["balanced_accuracy"]
     shuffled = s["arms"]["shuffled"]["metrics"]["balanced_accuracy"]["mean"]

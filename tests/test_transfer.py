@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_BACKBONE
 
 from classifier.data import TileDataset
 from classifier.metrics import by_group, classification_metrics
@@ -201,7 +202,7 @@ def test_compare_reports_both_levels_and_the_verdict_names_its_level(crc_mini, t
     cfg = configlib.load(CompareConfig, None, [
         f"data.root={DEMO}", f"data.groups={_images_of_two_tiles(tmp_path)}", "seeds=[0, 1]",
         "arms=[{name: real_only}, {name: rare_heavy, sampler: class_augment}]", "report.primary=group_balanced_accuracy",
-        *(f"downstream.{s}" for s in FAST)])[0]
+        f"downstream.model.variant={TINY_BACKBONE}", *(f"downstream.{s}" for s in FAST)])[0]
     s = run_compare(cfg, tmp_path / "out", progress=False)
     assert "group_balanced_accuracy" in s["metrics"] and "balanced_accuracy" in s["metrics"]
     assert "balanced accuracy (groups: mean tile probability)" in s["verdict"]
