@@ -191,6 +191,7 @@ def test_pix2pix_run_generates_verifiable_pairs(tmp_path):
 # augment-compare with task: segmentation
 
 FAST = ["downstream.model.tile_size=128", "downstream.model.image_size=64", "downstream.train.steps=6",
+        "downstream.model.encoder=tu-test_resnet",     # timm's tiny ResNet: the machinery, not the encoder
         "downstream.train.batch_size=4", "downstream.train.evaluate_every=3", "downstream.train.warmup_steps=0",
         "downstream.train.device=cpu", "downstream.eval.window=256",
         "generators.pix2pix.set=[train.steps=4, data.tile_size=128, data.image_size=64, train.batch_size=2, "
