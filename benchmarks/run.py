@@ -46,7 +46,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from histosynth.runtime import Runtime  # noqa: E402
+from histosynth.checkpoint import atomic_write_text  # noqa: E402
+from histosynth.runtime import Runtime, cpu_facts  # noqa: E402
 
 DEMO = ROOT / "data" / "lung_demo"
 # the CycleGAN section times steps, not translations: two bundled folders of 384 px H&E crops stand
@@ -371,25 +372,6 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cpu_facts() -> dict:
-    """What the figures depend on: the CPU model, its bf16/AMX/AVX flags and the kernels torch uses
-    (``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` can hold a bigger CPU to AVX2)."""
-    import os
-    flags, model = set(), platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"cpu": model, "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-                                        if f in flags],
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default")}
-
-
 # dense bf16 tensor-core peaks (TFLOP/s, vendor data sheets) for the MFU column; HISTOSYNTH_PEAK_TFLOPS
 # overrides, e.g. for a GPU not listed or a power-capped one
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
@@ -407,12 +389,9 @@ def device_peak_tflops() -> float | None:
 
 
 def _write(out: Path, meta: dict, rows: list[dict]) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "benchmarks.json.tmp"
-    tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    tmp.replace(out / "benchmarks.json")
+    atomic_write_text(out / "benchmarks.json", json.dumps({"meta": meta, "results": rows}, indent=1))
     md = _markdown(meta, rows)
-    (out / "benchmarks.md").write_text(md)
+    atomic_write_text(out / "benchmarks.md", md)
     return md
 
 

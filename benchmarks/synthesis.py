@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -148,6 +147,7 @@ def main(argv=None) -> int:
     from classifier.train import checkpoint_info
     from histosynth.data import TileCache, default_cache_dir
     from histosynth.engine import load_checkpoint
+    from histosynth.runtime import cpu_facts
     from metrics.features import ClassifierExtractor
     from metrics.histology import histology_weights
 
@@ -174,9 +174,9 @@ def main(argv=None) -> int:
             rates += sampling_rates(run, name)
             costs.append(filter_cost(run, name, data, Path(tmp)))
             print(json.dumps({name: curves[name]["points"][-1:]}), file=sys.stderr, flush=True)
+    cpu = cpu_facts()
     meta = {"data": str(data), "minutes": args.minutes, "samples": args.samples, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "flags": sorted(f for f in ("avx2", "avx512_bf16", "amx_bf16") if f in Path("/proc/cpuinfo").read_text()),
+            "threads": torch.get_num_threads(), "cpu": cpu["cpu"], "flags": cpu["cpu_flags"],
             "feature_space": note, "extractor_training_s": extractor_s, "time": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from conftest import TINY_BACKBONE  # noqa: E402
 
 SHARED = Path(os.environ.get("HISTOSYNTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
 TILES = SHARED / "crc_mini" if (SHARED / "crc_mini").is_dir() else ROOT / "data" / "lung_demo" / "train"
@@ -148,7 +149,7 @@ JOBS = {
     "segmentation": _segmentation_job,
     "classifier": lambda: _compare_job("[{name: real_only, augment: classic}]", "[0]", 12),
     "compare": lambda: _compare_job("[{name: real_only}, {name: balanced, sampler: balanced}]", "[0, 1]", 4,
-                                    "timm/test_efficientnet"),      # the runner's resume; any backbone
+                                    TINY_BACKBONE),                 # the runner's resume; any backbone
 }
 
 
