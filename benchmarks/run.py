@@ -408,7 +408,7 @@ def main() -> None:
     out = Path(args.out)
     if args.render:
         data = json.loads((out / "benchmarks.json").read_text())
-        (out / "benchmarks.md").write_text(_markdown(data["meta"], data["results"]))
+        atomic_write_text(out / "benchmarks.md", _markdown(data["meta"], data["results"]))
         return
     if args._child:
         SCALE_SIZES[:] = args.scale
