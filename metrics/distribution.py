@@ -38,6 +38,17 @@ class SmallSampleWarning(UserWarning):
 
 
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """piq's FID. When the two sets together have fewer samples than dimensions (per-class sets,
+    subsamples), both are first written in an orthonormal basis of the subspace spanned by their
+    centred samples and the difference of their means: FID depends only on the means and the
+    covariances, which live in that subspace, so the value is unchanged (to rounding: checked
+    against piq on the full space and scipy's sqrtm in the tests), while piq's Newton-Schulz square
+    root works on k x k instead of d x d matrices (21 samples of 1280-d: 3.5 s -> 0.02 s)."""
+    k = real.shape[0] + fake.shape[0] + 1
+    if k < real.shape[1]:
+        mr, mf = real.mean(0), fake.mean(0)
+        basis, _ = torch.linalg.qr(torch.cat([real - mr, fake - mf, (mr - mf)[None]]).T)   # d x k
+        real, fake = real @ basis, fake @ basis
     return float(piq.FID().compute_metric(real, fake))
 
 

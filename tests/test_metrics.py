@@ -96,6 +96,22 @@ def test_identical_sets_score_perfectly_and_inverted_clearly_worse(crc_features)
     assert inv["fid"]["ci_low"] <= inv["fid"]["ci_high"]
 
 
+def test_fid_of_small_sets_in_their_own_subspace_equals_the_full_space_value(crc_features):
+    """Per-class sets are smaller than the feature dimension: fid() works in the subspace the two
+    sets span, which must not change the value (piq on the full space; scipy's exact sqrtm)."""
+    from scipy import linalg
+
+    from metrics.distribution import fid
+    real, inverted = crc_features                                   # 192-d pixel features of real tiles
+    a, b = real[:12].double(), (0.7 * real[12:21] + 0.3 * inverted[12:21]).double()    # 12 + 9 < 192
+    m1, m2 = a.mean(0).numpy(), b.mean(0).numpy()
+    s1, s2 = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    exact = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+    value = fid(a, b)
+    assert value == pytest.approx(float(piq.FID().compute_metric(a, b)), rel=1e-6)
+    assert value == pytest.approx(exact, rel=1e-4) and value > 0.1
+
+
 def test_precision_recall_beyond_the_cap_use_a_seeded_subsample(crc_features, monkeypatch):
     """PRDC's pairwise matrices grow as N^2: above prdc_max it sees a subsample; FID/KID see all."""
     import metrics.distribution as dm
