@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import make_grid
 
 from histosynth.checkpoint import atomic_write
 
@@ -17,6 +16,7 @@ from histosynth.checkpoint import atomic_write
 def save_grid(images: torch.Tensor, nrow: int, row_labels: list[str] | None, path: str | Path,
               label_width: int = 110) -> None:
     """Save ``N x 3 x H x W`` images in [-1, 1] as a PNG grid, ``nrow`` per row, labelled rows."""
+    from torchvision.utils import make_grid     # here: importing torchvision costs every command ~1.2 s
     grid = make_grid(images.float().clamp(-1, 1), nrow=nrow, padding=2, normalize=True,
                      value_range=(-1, 1), pad_value=1.0)
     arr = grid.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
