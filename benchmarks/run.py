@@ -22,7 +22,10 @@ them and the others are kept. Everything runs on a fresh clone (bundled data onl
 
 Every training section is timed twice: the reference-equivalent path (fp32, NCHW, eager: what
 mimicry and pytorch-CycleGAN-and-pix2pix run, on the same networks) and histosynth's default
-path on this device (bf16 autocast + channels_last where it pays); the ratio is the speed-up.
+path on this device: the one the engine chooses by measuring the candidates the shipped ``auto``
+keys admit (fp32 / bf16 where the CPU has it natively, NCHW / channels_last; histosynth/autotune.py),
+measured again here for each network; the ratio is the speed-up. Since the reference-equivalent
+path is one of the candidates, the default is never slower than it, up to timing noise.
 The reference figures quoted in issue 6 (measured on this machine kind) are printed beside them.
 FLOPs per iteration are counted with torch.utils.flop_counter.
 """
@@ -57,10 +60,9 @@ BUNDLED_B = ROOT / "data" / "monuseg_demo" / "test" / "images"
 # issue 6: medians measured with the reference code on this machine kind (2 cores, fp32)
 QUOTED = {"sngan32_d_step": 2.43, "sngan32_g_step": 3.58, "sngan32_iteration": 15.7,
           "cyclegan_b1_256": 5.83, "cyclegan_b4_128": 6.18}
-PATHS = {"reference-equivalent (fp32, NCHW, eager)": ("off", "off"), "histosynth default": ("auto", "auto")}
+REFERENCE = "reference-equivalent (fp32, NCHW, eager)"
+DEFAULT = "histosynth default (measured choice)"
 COMPILED = "histosynth default + train.compile on"
-# the reference-shaped sections also time the compiled steps (torch.compile of the step networks)
-PATHS_COMPILE = {**{k: (*v, "off") for k, v in PATHS.items()}, COMPILED: ("auto", "auto", "on")}
 
 
 def _sync(rt: Runtime):
@@ -93,36 +95,57 @@ def _flops(fn) -> int | None:
     return int(fc.get_total_flops())
 
 
-def _gan_task(family: str, size: int, batch: int, amp: str, cl: str, ch: int | None, extra=()):
+def _paths(name: str, build, compile_build=None) -> list[tuple[str, object, Runtime, dict]]:
+    """(path, task, runtime, measured candidates) for the reference-equivalent path, histosynth's
+    default path -- the one the engine chooses, measured here now between the candidates the
+    shipped ``auto`` keys admit (histosynth/autotune.py) -- and, with ``compile_build``, that path
+    with ``train.compile: on``. ``build(rt)``: a fresh task on runtime ``rt``."""
+    from histosynth import autotune
+    ref = Runtime.from_choices("auto", "off", "off")
+    choice = autotune.choose(name, build, Runtime.candidates("auto", "auto", "auto", cpu_fast_path=True),
+                             force=True)
+    out = []
+    for path, make, rt in ((REFERENCE, build, ref), (DEFAULT, build, choice.runtime),
+                           *([(COMPILED, compile_build, choice.runtime)] if compile_build else [])):
+        torch.manual_seed(0)
+        torch._dynamo.reset()     # a training run has one shape: no dynamic-shape kernels from the last size
+        out.append((path, make(rt), rt, choice.seconds if path != REFERENCE else {}))
+    return out
+
+
+def _gan_builder(family: str, size: int, batch: int, ch: int | None, extra=(), compile: str = "off"):
     from gans.adversarial import GANTask, load_data
     from gans.config import GANConfig
     from histosynth import config as configlib
 
     sets = [f"data.image_size={size}", f"train.batch_size={batch}", "data.cache=memory",
-            f"train.amp={amp}", f"train.channels_last={cl}", *extra] + ([f"model.ch={ch}"] if ch else [])
+            f"train.compile={compile}", *extra] + ([f"model.ch={ch}"] if ch else [])
     cfg = configlib.load(GANConfig, family, sets)[0]
-    rt = Runtime.from_choices(cfg.train.device, cfg.train.amp, cfg.train.channels_last, cpu_fast_path=True)
-    torch.manual_seed(0)
-    return GANTask(cfg, load_data(cfg, progress=False), rt), rt
+    data = load_data(cfg, progress=False)
+    return lambda rt: GANTask(cfg, data, rt)
+
+
+def _row(bench: str, path: str, rt: Runtime, s: float, n_img: int, measured: dict, **extra) -> dict:
+    return {"bench": bench, "path": path, "runtime": rt.describe(), "s": s, "images_per_s": n_img / s,
+            **({"candidates_s_per_step": measured} if measured else {}), **extra}
 
 
 def section_gans(iters: int) -> list[dict]:
     rows = []
     for family in ("dcgan", "sngan", "wgan_gp"):
-        for path, (amp, cl) in PATHS.items():
-            task, rt = _gan_task(family, 64, 64, amp, cl, None)
+        for path, task, rt, measured in _paths(family, _gan_builder(family, 64, 64, None)):
             s = _median_time(task.train_step, iters, rt)
-            rows.append({"bench": f"{family} 64px b64 iteration", "path": path, "runtime": rt.describe(),
-                         "s": s, "images_per_s": task.plan.images_per_step / s, "flops": _flops(task.train_step)})
+            rows.append(_row(f"{family} 64px b64 iteration", path, rt, s, task.plan.images_per_step, measured,
+                             flops=_flops(task.train_step)))
     return rows
 
 
 def section_sngan32(iters: int) -> list[dict]:
     rows = []
-    for path, (amp, cl, comp) in PATHS_COMPILE.items():
-        task, rt = _gan_task("sngan", 32, 64, amp, cl, 64, ["train.n_dis=5", "train.diffaugment=''",
-                                                            "loss.type=hinge", f"train.compile={comp}"])
-        warm = 3 if comp == "on" else 1           # compiling: the first calls (grad on / off)
+    extra = ["train.n_dis=5", "train.diffaugment=''", "loss.type=hinge"]
+    for path, task, rt, measured in _paths("sngan", _gan_builder("sngan", 32, 64, 64, extra),
+                                           _gan_builder("sngan", 32, 64, 64, extra, compile="on")):
+        warm = 3 if path == COMPILED else 1       # compiling: the first calls (grad on / off)
 
         def d_step():                             # one D update, its real batch drawn as in training
             task.d_step(*task.real_batch())
@@ -134,14 +157,13 @@ def section_sngan32(iters: int) -> list[dict]:
         fl = _flops(task.train_step)
         for name, s, n_img, quoted in (("D step", d, 64, "sngan32_d_step"), ("G step", g, 64, "sngan32_g_step"),
                                        ("iteration (5 D + 1 G)", it, 64 * 5, "sngan32_iteration")):
-            rows.append({"bench": f"SNGAN-32 {name} (G {params['G'] / 1e6:.2f} M, D {params['D'] / 1e6:.2f} M)",
-                         "path": path, "runtime": rt.describe(), "s": s, "images_per_s": n_img / s,
-                         "quoted_reference_s": QUOTED[quoted],
-                         "flops": fl if name.startswith("iteration") else None})
+            rows.append(_row(f"SNGAN-32 {name} (G {params['G'] / 1e6:.2f} M, D {params['D'] / 1e6:.2f} M)",
+                             path, rt, s, n_img, measured, quoted_reference_s=QUOTED[quoted],
+                             flops=fl if name.startswith("iteration") else None))
     return rows
 
 
-def cyclegan_config(batch: int, size: int, amp: str, cl: str, comp: str):
+def cyclegan_config(batch: int, size: int, comp: str = "off"):
     """junyanz's CycleGAN shape on the bundled stand-in domains."""
     from gans.train_gan import load_config
     return load_config("cyclegan_cpu", [f"data.root_a={BUNDLED_A}", f"data.root_b={BUNDLED_B}",
@@ -149,8 +171,7 @@ def cyclegan_config(batch: int, size: int, amp: str, cl: str, comp: str):
                                         "data.load_size=256", "data.cache=memory", "model.ngf=64",
                                         "model.ndf=64", "model.n_blocks=9", "model.d_layers=3",
                                         "loss.type=lsgan", "loss.lambda_identity=0.5",
-                                        "loss.pool_size=50", f"train.amp={amp}",
-                                        f"train.channels_last={cl}", f"train.compile={comp}"])[0]
+                                        "loss.pool_size=50", f"train.compile={comp}"])[0]
 
 
 def section_cyclegan(iters: int) -> list[dict]:
@@ -158,17 +179,14 @@ def section_cyclegan(iters: int) -> list[dict]:
 
     rows = []
     for batch, size, quoted in ((1, 256, "cyclegan_b1_256"), (4, 128, "cyclegan_b4_128")):
-        for path, (amp, cl, comp) in PATHS_COMPILE.items():
-            cfg = cyclegan_config(batch, size, amp, cl, comp)
-            rt = Runtime.from_choices(cfg.train.device, cfg.train.amp, cfg.train.channels_last, cpu_fast_path=True)
-            torch.manual_seed(0)
-            torch._dynamo.reset()     # a training run has one shape: no dynamic-shape kernels from the last size
-            task = CycleGANTask(cfg, load_data(cfg, progress=False), rt)
-            s = _median_time(task.train_step, iters, rt, 3 if comp == "on" else 1)
-            fl = _flops(task.train_step) if comp == "off" else rows[-1]["flops"]    # the same arithmetic
-            rows.append({"bench": f"CycleGAN resnet_9blocks b{batch} {size}px iteration", "path": path,
-                         "runtime": rt.describe(), "s": s, "images_per_s": batch / s,
-                         "quoted_reference_s": QUOTED[quoted], "flops": fl, "flop_per_s": fl / s})
+        cfg, cfg_c = cyclegan_config(batch, size), cyclegan_config(batch, size, "on")
+        data = load_data(cfg, progress=False)
+        for path, task, rt, measured in _paths("cyclegan", lambda rt: CycleGANTask(cfg, data, rt),
+                                               lambda rt: CycleGANTask(cfg_c, data, rt)):
+            s = _median_time(task.train_step, iters, rt, 3 if path == COMPILED else 1)
+            fl = _flops(task.train_step) if path != COMPILED else rows[-1]["flops"]    # the same arithmetic
+            rows.append(_row(f"CycleGAN resnet_9blocks b{batch} {size}px iteration", path, rt, s, batch, measured,
+                             quoted_reference_s=QUOTED[quoted], flops=fl, flop_per_s=fl / s))
     return rows
 
 
@@ -182,22 +200,28 @@ def section_effnet(iters: int) -> list[dict]:
     from classifier.task import ClassifierTask
     from histosynth import config as configlib
 
+    from histosynth import autotune
+
     rows = []
     for batch, size in ((16, 224), (64, 64)):
         tiles = np.random.default_rng(0).integers(0, 256, (2 * batch, 3, size, size), dtype=np.uint8)
         data = TileDataset(tiles, np.arange(2 * batch) % 3)
-        for path, cl in (("reference-equivalent (fp32, NCHW, eager)", "off"), ("histosynth default", "on")):
-            cfg = configlib.load(ClassifierConfig, None, [f"model.image_size={size}", f"train.batch_size={batch}",
-                                                          "train.epochs=1000", f"train.channels_last={cl}"])[0]
-            rt = Runtime.from_choices("auto", "auto", cl)
+        cfg = configlib.load(ClassifierConfig, None, [f"model.image_size={size}", f"train.batch_size={batch}",
+                                                      "train.epochs=1000"])[0]
+        t = cfg.train
+
+        def build(rt):
+            return ClassifierTask(cfg, data, tiles[:1], np.zeros(1, int), ["a", "b", "c"], rt, seed=0)
+        choice = autotune.choose("classifier", build, Runtime.candidates(t.device, t.amp, t.channels_last),
+                                 force=True)
+        for path, rt in ((REFERENCE, Runtime.from_choices("auto", "off", "off")), (DEFAULT, choice.runtime)):
             torch.manual_seed(0)
-            task = ClassifierTask(cfg, data, tiles[:1], np.zeros(1, int), ["a", "b", "c"], rt, seed=0)
-            if path.startswith("reference"):
+            task = build(rt)
+            if path == REFERENCE:
                 task.model.body.set_swish(memory_efficient=True)    # efficientnet-pytorch's default
             s = _median_time(task.train_step, iters, rt)
-            rows.append({"bench": f"EfficientNet-B0 train step b{batch} {size}px", "path": path,
-                         "runtime": rt.describe(), "s": s, "images_per_s": batch / s,
-                         "flops": _flops(task.train_step)})
+            rows.append(_row(f"EfficientNet-B0 train step b{batch} {size}px", path, rt, s, batch,
+                             choice.seconds if path == DEFAULT else {}, flops=_flops(task.train_step)))
     return rows
 
 
@@ -347,7 +371,7 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
              f"medians of {meta['iters']} after warm-up; {meta['time']}", "", cpu, "",
              "| benchmark | path | runtime | s | images/s | speed-up vs fp32 eager | quoted reference s | x quoted | GFLOP/s | peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    base = {r["bench"]: r["s"] for r in rows if r["path"].startswith("reference-equivalent")}
+    base = {r["bench"]: r["s"] for r in rows if r["path"] == REFERENCE}
     for r in rows:
         ratio = f"{base[r['bench']] / r['s']:.2f}x" if r["bench"] in base and not r["path"].startswith("reference") else ""
         quoted = r.get("quoted_reference_s")
@@ -356,6 +380,13 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         runtime = r.get("runtime", "").replace(" | ", ", ")
         lines.append(f"| {r['bench']} | {r['path']} | {runtime} | {r['s']:.3f} | "
                      f"{r['images_per_s']:.1f} | {ratio} | {quoted or ''} | {xq} | {gflops} | {r['peak_rss_mb']:.0f} |")
+    measured = [r for r in rows if r.get("candidates_s_per_step")]
+    if measured:
+        lines += ["", "The default path is the engine's measured choice (histosynth/autotune.py); the candidates "
+                      "the shipped `auto` keys admit, seconds per step as measured for the choice:"]
+        lines += [f"- {r['bench']}: " + ", ".join(f"{k.split(' | ', 1)[1]} {v:.3g}" for k, v in
+                                                  r["candidates_s_per_step"].items()) + f" -> {r['runtime']}"
+                  for r in measured if r["path"] == DEFAULT]
     conv = max((r["flops"] / r["s"] for r in rows if r.get("section") == "conv" and r.get("flops")), default=None)
     if conv:
         lines += ["", f"fp32 convolution ceiling (best of the conv microbenchmark): {conv / 1e9:.1f} GFLOP/s"]

@@ -86,9 +86,9 @@ class Classification:
                need: dict[str, int], cache_dir: Path | None, progress: bool) -> dict:
         return select_folder(source, out, train_root, spec, overwrite=True, progress=progress, need=need)
 
-    def runtime(self, cfg: ClassifierConfig) -> Runtime:
+    def runtime(self, cfg: ClassifierConfig) -> tuple[Runtime, ...]:
         t = cfg.train
-        return Runtime.from_choices(t.device, t.amp, t.channels_last)
+        return Runtime.candidates(t.device, t.amp, t.channels_last)
 
     def build_task(self, cfg: ClassifierConfig, arm, seed: int, train: TileSet, val_split: TileCache,
                    rt: Runtime) -> ClassifierTask:
@@ -100,7 +100,7 @@ class Classification:
 
     def score(self, cfg: ClassifierConfig, best: dict, train: TileSet, test_split: TileCache,
               cell: Path, groups: Sequence[str] | None = None) -> dict[str, float]:
-        rt = self.runtime(cfg)
+        rt = self.runtime(cfg)[0]
         test = test_split.tileset()
         model, info = model_from_checkpoint(best)
         probs = predict(rt.prepare(model), test.images, rt)

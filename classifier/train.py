@@ -62,7 +62,7 @@ def fit(cfg: ClassifierConfig, train: TileDataset, val_images: np.ndarray, val_l
     summary plus the epoch view: epochs_run, best_epoch, best_val_balanced_accuracy, and a
     history with one row per epoch (epoch, train_loss, lr, validation metrics)."""
     t = cfg.train
-    rt = Runtime.from_choices(t.device, t.amp, t.channels_last)
+    rt = Runtime.candidates(t.device, t.amp, t.channels_last)
     summary = engine.train(TASK_NAME, cfg, lambda rt: ClassifierTask(cfg, train, val_images, val_labels, classes,
                                                                     rt, seed, sampler),
                            run_dir, rt, seed=seed, resume=True, progress=progress, desc=desc,

@@ -48,6 +48,7 @@ from experiments.config import ArmConfig, CompareConfig  # noqa: E402
 from experiments.leakage import check_groups, check_real, file_hashes, verify_synthetic  # noqa: E402
 from experiments.report import summarise, write_report  # noqa: E402
 from experiments.splits import SPLITS, group_of, resolve_splits  # noqa: E402
+from histosynth import autotune  # noqa: E402
 from histosynth import config as configlib  # noqa: E402
 from histosynth import engine  # noqa: E402
 from histosynth.checkpoint import (atomic_write, atomic_write_csv, atomic_write_text,  # noqa: E402
@@ -352,9 +353,12 @@ def run_cell(cfg: CompareConfig, arm, arm_index: int, seed: int, inputs: Inputs,
     cell = out / "cells" / arm.name / f"seed{seed}"
     t0 = time.time()
     task, dcfg, val = get_downstream(cfg.task), cfg.downstream, caches["val"]
-    rt = task.runtime(dcfg)
-    summary = engine.train(task.name, CellConfig(dcfg, arm, seed), lambda rt: task.build_task(dcfg, arm, seed, data, val, rt),
-                           cell, rt, seed=seed, resume=True, progress=progress, desc=f"{arm.name} seed {seed}",
+    def build(rt):
+        return task.build_task(dcfg, arm, seed, data, val, rt)
+    # every cell computes on one path (a paired comparison), measured once for all of them
+    rt = autotune.shared(out / "runtime.json", task.name, build, autotune.as_candidates(task.runtime(dcfg)),
+                         len(cfg.arms) * len(cfg.seeds), progress)
+    summary = engine.train(task.name, CellConfig(dcfg, arm, seed), build, cell, rt, seed=seed, resume=True, progress=progress, desc=f"{arm.name} seed {seed}",
                            keep_final_state=False)
     scores = task.score(dcfg, engine.load_checkpoint(engine.RunDir(cell).checkpoint("best")), data,
                         caches["test"], cell, inputs.test_groups)

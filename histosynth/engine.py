@@ -29,6 +29,7 @@ Run directory::
     RUN/checkpoints/step_XXXXXX.pt   weights snapshots (plan.snapshot_every)
     RUN/samples/step_XXXXXX.png      the task's picture (sample grid)
     RUN/metrics.jsonl                one line per log interval and per evaluation
+    RUN/runtime.json                 the path it trains on (fp32 / bf16, layout), how it was chosen
     RUN/loss.png                     curves of the logged losses
 
 Checkpoint format ``histosynth/2``: ``format``, ``task`` (the family or task name), ``step``,
@@ -48,12 +49,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
+from histosynth import autotune
 from histosynth.checkpoint import CheckpointError, atomic_save, atomic_write_text, remove_stale_temps, safe_load
 from histosynth.config import ConfigError, dump_yaml, to_dict
 from histosynth.distributed import Dist, setup as setup_distributed
@@ -89,6 +91,8 @@ class RunDir:
     def samples(self) -> Path: return self.root / "samples"
     @property
     def metrics(self) -> Path: return self.root / "metrics.jsonl"
+    @property
+    def runtime(self) -> Path: return self.root / "runtime.json"
 
     def snapshot(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:06d}.pt"
@@ -249,32 +253,55 @@ def _fresh_engine_state() -> dict[str, Any]:
 
 
 def train(task_name: str, config: Any, build: Callable[[Runtime], Task], run: RunDir | str | Path,
-          rt: Runtime, *, seed: int, resume: bool = False, progress: bool = True,
+          rt: Runtime | Sequence[Runtime], *, seed: int, resume: bool = False, progress: bool = True,
           desc: str | None = None, keep_final_state: bool = True) -> dict[str, Any]:
     """Train ``build(rt)``'s task into ``run`` to ``task.plan.steps`` (or its early stop).
 
-    ``resume``: continue from ``run``'s last.pt when there is one (a finished run returns its
-    summary at once). ``keep_final_state=False``: once finished, last.pt keeps only the run's
-    record (step, evaluation history, best), not its weights and optimizer state (best.pt has
-    the weights). Under torchrun every process calls this. Returns a summary: step, seconds,
-    last logged row, device, the evaluation history, the best value and step, whether it stopped
-    early. Raises NonFiniteLossError (after keeping the last good checkpoint) on NaN/Inf.
+    ``rt``: the path to train on, or the candidates a config's ``auto`` keys admit
+    (:meth:`Runtime.candidates`, the rule's choice first), between which a new run of one process
+    measures (:func:`histosynth.autotune.choose`); the choice is kept in ``RUN/runtime.json`` and
+    a resumed run keeps it. ``resume``: continue from ``run``'s last.pt when there is one (a
+    finished run returns its summary at once). ``keep_final_state=False``: once finished, last.pt
+    keeps only the run's record (step, evaluation history, best), not its weights and optimizer
+    state (best.pt has the weights). Under torchrun every process calls this. Returns a summary:
+    step, seconds, last logged row, device, the evaluation history, the best value and step,
+    whether it stopped early. Raises NonFiniteLossError (after keeping the last good checkpoint)
+    on NaN/Inf.
     """
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
-    dist = setup_distributed(rt.device.type)
-    rt = dist.place(rt)
-    with deterministic(rt.device.type == "cpu"):
+    candidates = autotune.as_candidates(rt)
+    dist = setup_distributed(candidates[0].device.type)
+    candidates = tuple(dist.place(c) for c in candidates)
+    with deterministic(candidates[0].device.type == "cpu"):
         torch.manual_seed(seed)               # the same initial weights on every rank
-        task = build(rt)
-        return _Engine(task_name, config, task, run, rt, dist, seed, progress, desc, keep_final_state).run(resume)
+        task = build(candidates[0])
+        choice = _choose_path(task_name, build, candidates, task.plan.steps, run, resume, dist, progress)
+        if choice.runtime is not candidates[0]:
+            torch.manual_seed(seed)           # as if built on the chosen path in the first place
+            task = build(choice.runtime)
+        return _Engine(task_name, config, task, run, choice, dist, seed, progress, desc,
+                       keep_final_state).run(resume)
+
+
+def _choose_path(name: str, build: Callable[[Runtime], Task], candidates: Sequence[Runtime], steps: int,
+                 run: RunDir, resume: bool, dist: Dist, progress: bool) -> autotune.Choice:
+    if len(candidates) > 1 and dist.active:
+        return autotune.Choice(candidates[0], "rule: data-parallel runs keep the rule's path")
+    if len(candidates) > 1 and resume and run.last.is_file():   # it trained on the recorded path
+        rt = autotune.recorded(run.runtime, candidates)
+        if rt is None:                                          # runs from before the record: the rule's
+            return autotune.Choice(candidates[0], "rule: a resumed run without runtime.json")
+        return autotune.Choice(rt, f"kept from {run.runtime.name}: a resumed run computes as it started")
+    return autotune.choose(name, build, candidates, steps, cache=autotune.cache_file(), progress=progress)
 
 
 class _Engine:
     """One run of :func:`train` (its state in one place rather than in closures)."""
 
-    def __init__(self, name: str, config: Any, task: Task, run: RunDir, rt: Runtime, dist: Dist,
+    def __init__(self, name: str, config: Any, task: Task, run: RunDir, choice: autotune.Choice, dist: Dist,
                  seed: int, progress: bool, desc: str | None, keep_final_state: bool):
-        self.name, self.config, self.task, self.run_dir, self.rt, self.dist = name, config, task, run, rt, dist
+        self.name, self.config, self.task, self.run_dir, self.dist = name, config, task, run, dist
+        self.choice, self.rt = choice, choice.runtime
         self.seed, self.plan, self.keep_final_state = seed, task.plan, keep_final_state
         self.progress, self.desc = progress, desc or name
         if dist.active:
@@ -405,6 +432,8 @@ class _Engine:
         if self.dist.main:
             self.run_dir.root.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir.config, dump_yaml(self.config))
+            if not (resume and self.run_dir.last.is_file() and self.run_dir.runtime.is_file()):
+                autotune.write_record(self.run_dir.runtime, self.choice)
         p, dist, task = self.plan, self.dist, self.task
         tb = _tensorboard(self.run_dir.root) if dist.main else None
         sums: dict[str, torch.Tensor] = {}

@@ -328,7 +328,9 @@ class Downstream(Protocol):
         ...
 
     def runtime(self, cfg: Any) -> Any:
-        """The :class:`~histosynth.runtime.Runtime` (device, precision, layout) cells train on."""
+        """The paths (:class:`~histosynth.runtime.Runtime`: device, precision, layout) cells may
+        train on: one, or :meth:`Runtime.candidates` (the rule's first), between which the runner
+        measures once for the whole comparison (:func:`histosynth.autotune.shared`)."""
         ...
 
     def build_task(self, cfg: Any, arm: Any, seed: int, train: TileSet, val: SplitData, rt: Any) -> Task: ...

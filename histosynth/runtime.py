@@ -118,6 +118,21 @@ class Runtime:
         cl = (on_cuda or cpu_fast) if channels_last == "auto" else channels_last == "on"
         return cls(dev, torch.bfloat16 if amp == "bf16" else None, cl)
 
+    @classmethod
+    def candidates(cls, device: str = "auto", amp: str = "auto", channels_last: str = "auto",
+                   cpu_fast_path: bool = False) -> tuple["Runtime", ...]:
+        """Every path the config's choices admit here, the rule's (:meth:`from_choices`) first. On
+        CUDA, or with both keys set, that is one path; on a CPU an ``auto`` key admits both of its
+        values (bf16 only where the CPU computes it natively: emulated bf16 is ~20x slower), and the
+        engine measures them (:mod:`histosynth.autotune`)."""
+        rule = cls.from_choices(device, amp, channels_last, cpu_fast_path)
+        if rule.device.type != "cpu":
+            return (rule,)
+        amps = [None, torch.bfloat16] if amp == "auto" and cpu_has_fast_bf16() else [rule.amp_dtype]
+        layouts = [False, True] if channels_last == "auto" else [rule.channels_last]
+        return (rule, *(cls(rule.device, a, c) for a in amps for c in layouts
+                        if (a, c) != (rule.amp_dtype, rule.channels_last)))
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()

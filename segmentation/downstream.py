@@ -95,8 +95,8 @@ class Segmentation:
         return select_pairs(source, out, train_root, spec, cfg, out.parent / f"{out.name}-selector", cache_dir,
                             progress, need.get(PAIRS), overwrite=True)
 
-    def runtime(self, cfg: SegmenterConfig) -> Runtime:
-        return segmenter_runtime(cfg)
+    def runtime(self, cfg: SegmenterConfig) -> tuple[Runtime, ...]:
+        return segmenter_runtime(cfg, candidates=True)
 
     def build_task(self, cfg: SegmenterConfig, arm, seed: int, train: TileSet, val: PairSet,
                    rt: Runtime) -> SegmentationTask:
@@ -107,7 +107,7 @@ class Segmentation:
 
     def score(self, cfg: SegmenterConfig, best: dict, train: TileSet, test: PairSet, cell: Path,
               groups: Sequence[str] | None = None) -> dict[str, float]:
-        rt = self.runtime(cfg)
+        rt = segmenter_runtime(cfg)
         model, info = model_from_checkpoint(best)
         probs = predict_images(rt.prepare(model), test.images, rt, cfg.eval.window)
         preds = [p >= cfg.eval.threshold for p in probs]

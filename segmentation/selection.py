@@ -38,14 +38,14 @@ def train_selector(cfg: SegmenterConfig, train: PairSet, run: Path, progress: bo
     from segmentation.task import PairDataset, SegmentationTask, model_from_checkpoint, segmenter_runtime
 
     t = cfg.train
-    rt = segmenter_runtime(cfg)
     ds = PairDataset(train.images, train.masks, "flip_rot90", cfg.model.image_size, 0)
-    engine.train(SELECTOR, cfg, lambda rt: SegmentationTask(cfg, ds, None, None, rt, 0), run, rt, seed=0,
+    engine.train(SELECTOR, cfg, lambda rt: SegmentationTask(cfg, ds, None, None, rt, 0), run,
+                 segmenter_runtime(cfg, candidates=True), seed=0,
                  resume=True, progress=progress, desc="selector U-Net")
     model, _ = model_from_checkpoint(engine.load_checkpoint(engine.RunDir(run).checkpoint("last")))
     note = (f"{cfg.model.arch}/{cfg.model.encoder} trained {t.steps} steps on the {len(set(train.stems))} real "
             f"training images (flips/rotations, seed 0), {run}")
-    return rt.prepare(model), note
+    return segmenter_runtime(cfg).prepare(model), note
 
 
 def score_pairs(model: torch.nn.Module, cands: PairSet, train: PairSet, cfg: SegmenterConfig) -> dict[str, np.ndarray]:

@@ -35,12 +35,15 @@ from segmentation.model import create_segmenter
 CRITERION = Criterion("val_dice", "max")
 
 
-def segmenter_runtime(cfg: SegmenterConfig) -> Runtime:
+def segmenter_runtime(cfg: SegmenterConfig, candidates: bool = False):
     """Device and precision of a segmenter: ``amp: auto`` is bf16 + channels_last on CUDA and on
     CPUs with native bf16 (measured on 2 AMX cores, resnet18 U-Net: 2.1x per training step at
-    128 px crops, 3.3x at 256 px, 4x for whole-image prediction), fp32 elsewhere."""
+    128 px crops, 3.3x at 256 px, 4x for whole-image prediction), fp32 elsewhere: the rule's
+    path, or (``candidates``) every path the config admits, the rule's first, for training runs
+    to measure (:mod:`histosynth.autotune`)."""
     t = cfg.train
-    return Runtime.from_choices(t.device, t.amp, t.channels_last, cpu_fast_path=True)
+    pick = Runtime.candidates if candidates else Runtime.from_choices
+    return pick(t.device, t.amp, t.channels_last, cpu_fast_path=True)
 
 
 class PairDataset(Dataset):

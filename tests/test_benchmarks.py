@@ -47,7 +47,7 @@ def test_the_cyclegan_section_runs_on_bundled_data_alone():
     """It once read ../shared/data/stain: on a fresh clone elsewhere the whole run then failed."""
     from gans.families.cyclegan import load_data
     bench = _bench_module()
-    cfg = bench.cyclegan_config(4, 128, "off", "off", "off")
+    cfg = bench.cyclegan_config(4, 128)
     a, b = load_data(cfg, progress=False)
     assert len(a) >= 4 and len(b) >= 4 and a.images.shape[-1] == 256
     for root in (cfg.data.root_a, cfg.data.root_b):

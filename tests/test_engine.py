@@ -232,7 +232,7 @@ def _downstream_case(name: str, folders):
     folder = next(f for f in folders if _fits(task.layout, f))
     data, val = (task.load(cfg, folder, role, None, False) for role in ("train", "val"))
     train_set = data.tileset()
-    return name, cfg, lambda rt: task.build_task(cfg, ArmConfig(), 0, train_set, val, rt), task.runtime(cfg), 0
+    return name, cfg, lambda rt: task.build_task(cfg, ArmConfig(), 0, train_set, val, rt), task.runtime(cfg)[0], 0
 
 
 def _fits(layout, folder) -> bool:
