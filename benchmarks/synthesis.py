@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     best, note = histology_weights(data, progress=False)
     extractor_s = time.perf_counter() - t
     info = checkpoint_info(load_checkpoint(best))
-    ext = ClassifierExtractor(best, info["variant"], int(info["image_size"]))
+    ext = ClassifierExtractor(best, info["variant"], int(info["image_size"]), sphere=True)   # the report's space
     real = TileCache.build(data, 64, cache_dir=default_cache_dir(), progress=False)
     pick = np.random.default_rng(0).permutation(len(real))[:1000]
     with torch.no_grad():

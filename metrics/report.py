@@ -83,7 +83,7 @@ def make_extractor(name: str, weights: str | None, train: str | None = None, pro
                 raise ReportError(f"{weights} is not a histosynth classifier checkpoint (checkpoints/best.pt "
                                   "of an augment-compare cell or of this extractor); use --extractor "
                                   "efficientnet for a plain EfficientNet state dict") from None
-            return ClassifierExtractor(weights, info["variant"], int(info["image_size"]),
+            return ClassifierExtractor(weights, info["variant"], int(info["image_size"]), sphere=True,
                                          note=f"classifier checkpoint, classes {', '.join(info['classes'])}")
         if not train:
             raise ReportError("--extractor histology needs --train (the real training split it learns "
@@ -103,7 +103,7 @@ def make_extractor(name: str, weights: str | None, train: str | None = None, pro
                 warnings.warn(msg + "; using --extractor pixels instead", stacklevel=2)
                 return PixelExtractor()
             warnings.warn(msg, stacklevel=2)
-        return ClassifierExtractor(best, ck["variant"], int(ck["image_size"]), note=note)
+        return ClassifierExtractor(best, ck["variant"], int(ck["image_size"]), note=note, sphere=True)
     if not weights:
         raise ReportError(f"--extractor {name} needs --weights FILE (a local state dict; nothing is "
                           "downloaded), or use --extractor pixels")

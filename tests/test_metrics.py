@@ -112,6 +112,23 @@ def test_fid_of_small_sets_in_their_own_subspace_equals_the_full_space_value(crc
     assert value == pytest.approx(exact, rel=1e-4) and value > 0.1
 
 
+def test_kid_on_the_sphere_is_not_ruled_by_a_few_long_feature_vectors(crc_features):
+    """An extractor trained from scratch gives some tiles 20-50x the median feature norm; raw KID
+    then ranks two halves of the real set as further apart than real and inverted tiles. The
+    histology space (features on the sphere of radius sqrt(d)) is unchanged by such lengths."""
+    from metrics.distribution import kid
+    from metrics.features import on_sphere
+    real, inverted = (f.double() for f in crc_features)
+    a, b, inv = real[::2].clone(), real[1::2].clone(), inverted[::2]
+    assert kid(a, b) < 0.2 * kid(a, inv)                         # raw, ordinary lengths: real halves close
+    a[:2] *= 30                                                 # 2 of 16 tiles with 30x longer vectors
+    assert kid(a, b) > 0.99 * kid(a, inv)                        # raw: now as far apart as inverted tiles
+    sa, sb, si = on_sphere(a), on_sphere(b), on_sphere(inv)
+    assert torch.allclose(sa.norm(dim=1), torch.full((len(a),), a.shape[1] ** 0.5, dtype=sa.dtype))
+    assert kid(sa, sb) == pytest.approx(kid(on_sphere(real[::2]), sb))       # lengths do not matter
+    assert kid(sa, sb) < 0.2 * kid(sa, si)                       # real halves close, inverted far
+
+
 def test_precision_recall_beyond_the_cap_use_a_seeded_subsample(crc_features, monkeypatch):
     """PRDC's pairwise matrices grow as N^2: above prdc_max it sees a subsample; FID/KID see all."""
     import metrics.distribution as dm
