@@ -20,7 +20,8 @@ decides between them by timing the task's own ``train_step``:
 5. when the run, at the rule's pace, would take less than ``min_seconds`` (300 s), a measurement
    cannot pay for itself and the rule's choice stays (not cached);
 6. else every candidate is built, stepped once to warm up and timed over ``TIMED_STEPS`` steps
-   (the best of them); the fastest wins unless the rule's choice is within ``TIE`` (3 %) of it.
+   (the best of them; one whose warm-up step alone takes ``SKIP`` times the best so far is not
+   timed further); the fastest wins unless the rule's choice is within ``TIE`` (3 %) of it.
    The decision is cached and every candidate's seconds per step go into the run's record.
 
 The throw-away tasks run under :func:`torch.random.fork_rng` and draw their batches from their own
@@ -50,6 +51,7 @@ from histosynth.runtime import Runtime, cpu_facts
 MIN_STEPS = 20          # shorter runs keep the rule's choice without building anything
 TIMED_STEPS = 2         # timed steps per candidate, after one warm-up step
 TIE = 0.03              # the rule's choice stays unless another candidate is this much faster
+SKIP = 2.0              # a candidate whose warm-up step takes this many times the best is not timed on
 MIN_SECONDS = 300.0     # a run projected shorter than this (at the rule's pace) is not measured
 CACHE_NAME = "runtime-choices.json"
 
@@ -195,8 +197,10 @@ def choose(name: str, build: Callable[[Runtime], Task], candidates: Sequence[Run
         for rt in candidates[1:]:
             gc.collect()
             task = build(rt)
-            task.train_step()                       # warm-up: one-time kernel and buffer set-up
-            seconds[rt.describe()] = _time(task, TIMED_STEPS)
+            warm = _time(task, 1)                   # warm-up: one-time kernel and buffer set-up
+            # a path whose warm-up step already takes twice the best is not timed further
+            slow = warm > SKIP * min(seconds.values())
+            seconds[rt.describe()] = warm if slow else _time(task, TIMED_STEPS)
             del task
         gc.collect()
     fastest = min(candidates, key=lambda c: seconds[c.describe()])
