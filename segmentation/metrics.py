@@ -35,10 +35,29 @@ def instances(mask: np.ndarray, split: str = "watershed", min_size: int = 10) ->
         m = m & (np.bincount(parts.ravel())[parts] >= min_size)
     if split == "components":
         return label(m, connectivity=2)
-    from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
     dist = ndi.gaussian_filter(ndi.distance_transform_edt(m), 1.0)
-    return watershed(-dist, label(h_maxima(dist, 1.0)), mask=m)
+    return watershed(-dist, label(_h_maxima(dist, 1.0)), mask=m)
+
+
+def _h_maxima(dist: np.ndarray, h: float) -> np.ndarray:
+    """scikit-image's ``h_maxima(dist, h)`` of a non-negative map, one connected region of
+    ``dist > 0`` at a time (its bounding box, other regions zeroed, a zero frame around it). The
+    same maxima: the reconstruction by dilation behind h-maxima cannot carry a value across the
+    zeros between regions that changes one (a region whose peak reaches h keeps its own values,
+    one whose peak stays below h has none either way); but each call sorts only its region's
+    pixels, not the whole image's (1000 px MoNuSeg masks: 0.95 -> 0.55 s a mask on a Zen 4 core;
+    equal on the 44 MoNuSeg masks, merged and thinned too, and on the demo masks in the tests)."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+
+    regions, _ = ndi.label(dist > 0, structure=np.ones((3, 3)))      # 8-connected, as h_maxima's footprint
+    out = np.zeros(dist.shape, np.uint8)
+    for i, box in enumerate(ndi.find_objects(regions), 1):
+        own = regions[box] == i
+        crop = np.pad(np.where(own, dist[box], 0.0), 1)
+        out[box] |= h_maxima(crop, h)[1:-1, 1:-1] & own
+    return out
 
 
 def _overlaps(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

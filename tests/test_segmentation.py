@@ -72,6 +72,21 @@ def test_watershed_splits_two_touching_nuclei():
     assert instances(two, "components").max() == 1 and instances(two, "watershed").max() == 2
 
 
+def test_watershed_markers_per_region_equal_scikit_image_on_the_whole_mask():
+    """instances() finds h-maxima one region of the smoothed distance map at a time (faster); the
+    markers must be scikit-image's own, on real nucleus masks, with nuclei merged and thinned."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+
+    from segmentation.metrics import _h_maxima
+    for f in sorted((DEMO / "test" / "masks").iterdir()):
+        m = np.asarray(Image.open(f)) > 0
+        for mm in (m, ndi.binary_dilation(m, iterations=2), ndi.binary_erosion(m, iterations=2)):
+            d = ndi.gaussian_filter(ndi.distance_transform_edt(mm), 1.0)
+            expected = h_maxima(d, 1.0)
+            assert expected.sum() > 10 and np.array_equal(_h_maxima(d, 1.0), expected), f.name
+
+
 # ----------------------------------------------------------------------------------------------
 # pairs data
 
