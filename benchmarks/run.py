@@ -20,8 +20,9 @@ them and the others are kept. Everything runs on a fresh clone (bundled data onl
                 gan-generate (PNG + sha256 per tile), then piq-report of that set
 * ``metrics``   feature passes (pixels, EfficientNet-B0 at 64 px) and KID on 1k tiles
 
-Every training section is timed twice: the reference-equivalent path (fp32, NCHW, eager: what
-mimicry and pytorch-CycleGAN-and-pix2pix run, on the same networks) and histosynth's default
+Every training section is timed twice: the reference-equivalent path (fp32, NCHW, eager, the
+ResNet blocks resampling literally -- interpolate / pool, then convolve: what mimicry and
+pytorch-CycleGAN-and-pix2pix run, on the same networks) and histosynth's default
 path on this device: the one the engine chooses by measuring the candidates the shipped ``auto``
 keys admit (fp32 / bf16 where the CPU has it natively, NCHW / channels_last; histosynth/autotune.py),
 measured again here for each network; the ratio is the speed-up. Since the reference-equivalent
@@ -100,6 +101,7 @@ def _paths(name: str, build, compile_build=None) -> list[tuple[str, object, Runt
     default path -- the one the engine chooses, measured here now between the candidates the
     shipped ``auto`` keys admit (histosynth/autotune.py) -- and, with ``compile_build``, that path
     with ``train.compile: on``. ``build(rt)``: a fresh task on runtime ``rt``."""
+    from gans.layers import set_resampling
     from histosynth import autotune
     ref = Runtime.from_choices("auto", "off", "off")
     choice = autotune.choose(name, build, Runtime.candidates("auto", "auto", "auto", cpu_fast_path=True),
@@ -109,7 +111,11 @@ def _paths(name: str, build, compile_build=None) -> list[tuple[str, object, Runt
                            *([(COMPILED, compile_build, choice.runtime)] if compile_build else [])):
         torch.manual_seed(0)
         torch._dynamo.reset()     # a training run has one shape: no dynamic-shape kernels from the last size
-        out.append((path, make(rt), rt, choice.seconds if path != REFERENCE else {}))
+        task = make(rt)
+        if path == REFERENCE:     # the papers' code resamples, then convolves (gans/layers.py)
+            for module in task.modules.values():
+                set_resampling(module, fused=False)
+        out.append((path, task, rt, choice.seconds if path != REFERENCE else {}))
     return out
 
 

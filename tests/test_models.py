@@ -88,3 +88,34 @@ def test_fresh_discriminator_logits_are_of_order_one_on_real_tiles(family, crc_m
     with torch.no_grad():
         logits = D(x, y)
     assert logits.abs().max() < 10, logits
+
+
+@pytest.mark.parametrize("family", ["sngan", "wgan_gp"])
+@pytest.mark.parametrize("size", RESOLUTIONS)
+def test_resampling_folded_into_the_convolutions_is_the_literal_network(family, size, crc_mini):
+    """The ResNet blocks upsample and pool folded into their 3x3 convolutions (one 4x4 stride-2
+    convolution each): the same map as interpolate/pool-then-convolve, in value and gradient, on
+    real tiles; only float rounding may differ (float64 here)."""
+    from gans.layers import set_resampling
+    from histosynth.data import TileCache, to_unit_range
+
+    cache = TileCache.build(crc_mini, size, progress=False)
+    real = to_unit_range(torch.from_numpy(cache.images[:4].copy())).double()
+    y = torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(0)
+    G, D = (m.double() for m in create_model(family, size, 3, z_dim=16, ch=8))
+    z = torch.randn(4, 16, dtype=torch.float64)
+    runs = []
+    for fused in (True, False):
+        set_resampling(G, fused), set_resampling(D, fused)
+        G.zero_grad(), D.zero_grad()
+        torch.manual_seed(1)              # the same spectral-norm power-iteration vectors: eval mode
+        G.eval(), D.eval()
+        x = G(z, y)
+        logits = D(torch.cat([x, real]), torch.cat([y, y]))
+        logits.square().sum().backward()
+        runs.append((x.detach(), logits.detach(), [p.grad.clone() for p in (*G.parameters(), *D.parameters())]))
+    (x1, l1, g1), (x2, l2, g2) = runs
+    assert torch.allclose(x1, x2, atol=1e-12) and torch.allclose(l1, l2, rtol=1e-10, atol=1e-10)
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g1, g2))
+    assert not torch.equal(l1[:4], l1[4:])                      # fakes and real tiles differ: a real check
