@@ -184,6 +184,29 @@ def test_a_cpu_held_to_avx2_kernels_takes_the_fp32_path(env, monkeypatch):
     assert out.split() == ["None", "False"]
 
 
+def test_a_process_held_to_avx2_compiles_into_a_kernel_cache_of_its_own(monkeypatch):
+    """Inductor's disk cache does not key on the kernel level: kernels compiled with the CPU's own
+    ISA and loaded by a process held to AVX2 trained a DCGAN to NaN (and the reverse aborted)."""
+    from histosynth.runtime import compiled
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    for held in ({"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, {}):
+        for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "TORCHINDUCTOR_CACHE_DIR"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in held.items():
+            monkeypatch.setenv(k, v)
+        compiled(torch.nn.Linear(2, 2), "on")
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if held:
+            assert cache.startswith(default_cache_dir() + "-") and "avx2" in cache
+        else:
+            assert cache in (None, default_cache_dir())          # torch's own default, untouched
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/chosen")
+    compiled(torch.nn.Linear(2, 2), "on")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/chosen"       # the user's choice stands
+
+
 def test_global_state_is_restored_after_a_run_and_a_cli_call(tmp_path):
     torch.use_deterministic_algorithms(False)
     with deterministic(True):
