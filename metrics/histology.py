@@ -21,10 +21,16 @@ from histosynth import config as configlib
 from histosynth.checkpoint import safe_load
 from histosynth.engine import RunDir, load_checkpoint
 from histosynth.data import TileCache, default_cache_dir
+from histosynth.errors import UserError
 
 SETTINGS = ["model.image_size=64", "model.bn_momentum=0.5", "train.epochs=15", "train.lr=2e-3",
             "train.patience=5", "train.min_epochs=8", "train.class_weights=balanced",
             "train.channels_last=on"]
+
+
+class ExtractorDataError(UserError, ValueError):
+    """The training split cannot train the histology extractor (one class, or a class too small to
+    give its held-out validation a tile)."""
 
 
 def histology_weights(train_root: str | Path, progress: bool = True, epochs: int | None = None) -> tuple[Path, str]:
@@ -40,8 +46,15 @@ def histology_weights(train_root: str | Path, progress: bool = True, epochs: int
     cfg = configlib.load(ClassifierConfig, None, sets)[0]
     tiles = TileCache.build(train_root, cfg.model.image_size, cache_dir=default_cache_dir(), progress=progress)
     if len(tiles.classes) < 2:
-        raise ValueError(f"{train_root} has one class; the histology extractor learns from class "
-                         "folders (give --train a class-folder tree, or use --extractor pixels)")
+        raise ExtractorDataError(f"{train_root} has one class; the histology extractor learns from class "
+                                 "folders (give --train a class-folder tree, or use --extractor pixels)")
+    counts = np.bincount(tiles.labels, minlength=len(tiles.classes))
+    thin = [f"{c} ({n})" for c, n in zip(tiles.classes, counts) if n < 2]
+    if thin:
+        raise ExtractorDataError(
+            f"{train_root}: the histology extractor (selection scores, tissue-space metrics) holds out "
+            f"a stratified share of every class for validation, and class(es) {', '.join(thin)} have "
+            "fewer than 2 training tiles; add tiles, or score with --extractor pixels or --weights")
     tag = hashlib.sha256(json.dumps([tiles.key, sets]).encode()).hexdigest()[:16]
     run = RunDir(default_cache_dir() / f"histology-{tag}")
     if not run.best.is_file() or not _finished(run):

@@ -375,3 +375,49 @@ def test_a_filtered_arm_gets_the_same_budget_from_a_selected_set(crc_mini, tmp_p
     assert s["data"][key]["verified"] and s["data"][key]["selected"]["filter"].startswith("confidence")
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5 and "Selection of gan" in html
+
+
+def test_the_synthetic_compare_config_runs_on_an_unseen_imbalanced_tree(crc_mini, tmp_path):
+    """compare_synthetic.yaml as a user runs it, through --set only: a GAN and a diffusion model
+    trained on the training split, each arm at the same budget (100 % of each minority class), the
+    selected arms keeping only candidates that pass, every synthetic set verified by the leakage
+    guard. Only sizes are shrunk; arms, stages, filters and the report are the shipped ones."""
+    for cls, extra in {"ADI": "NORM", "DEB": None, "LYM": None}.items():   # train 4 / 2 / 2 tiles
+        files = sorted((crc_mini / cls).iterdir())
+        more = sorted((crc_mini / extra).iterdir())[:2] if extra else []
+        for split, fs in (("train", files[:2] + more), ("val", files[2:3]), ("test", files[3:4])):
+            (tmp_path / "data" / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in fs:
+                shutil.copy(f, tmp_path / "data" / split / cls / f.name)
+    diffusion = ("[data.image_size=32, 'model.channels=[8, 16]', model.norm_groups=4, model.timesteps=50, "
+                 "train.batch_size=4, train.steps=4, train.checkpoint_every=2, train.sample_every=2, "
+                 "train.samples_per_class=2, train.warmup_steps=0, train.device=cpu]")
+    sets = [f"data.root={tmp_path / 'data'}", f"generators.gan.set={TINY_GAN}",
+            f"generators.diffusion.set={diffusion}", "generators.diffusion.options={steps: 3, guidance_scale: 1.5}",
+            "generators.gan.per_class=8", "generators.diffusion.per_class=8",   # candidates to spare: a
+            "seeds=[0]", *FAST, "downstream.train.channels_last=off"]    # 4-step GAN's tiles are near-copies
+    out = tmp_path / "out"
+    assert compare_main(["--cfg", "compare_synthetic", "--out", str(out), "--no-progress",
+                         *sum((["--set", s] for s in sets), [])]) == 0
+    rows = {r["arm"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    shipped = [a.name for a in configlib.load(CompareConfig, "compare_synthetic")[0].arms]
+    assert sorted(rows) == sorted(shipped)
+    for arm in ("gan", "gan_selected", "diffusion", "diffusion_selected"):     # 2 DEB + 2 LYM tiles each
+        assert rows[arm]["n_train_synthetic"] == "4", arm
+    for arm in ("real_only", "balanced_sampler", "shuffled_control"):
+        assert rows[arm]["n_train_synthetic"] == "0", arm
+    for source in ("gan", "diffusion"):
+        pool = list(csv.DictReader(open(out / "generators" / source / "synthetic" / "manifest.csv")))
+        (selected,) = [d for d in (out / "selected").iterdir() if d.name.startswith(source)]
+        kept = list(csv.DictReader(open(selected / "manifest.csv")))
+        scored = list(csv.DictReader(open(selected / "selection.csv")))
+        assert len(pool) == len(scored) == 24 and {r["file"] for r in kept} <= {r["file"] for r in scored}
+        for cls in ("DEB", "LYM"):          # per class: at most the best half, no near-copy, best-ranked
+            usable = [r for r in scored if r["class"] == cls and r["near_copy"] == "False"]
+            kept_here = [r for r in scored if r["class"] == cls and r["kept"] == "True"]
+            assert 2 <= len(kept_here) <= 4 and all(r in usable for r in kept_here)
+            assert min(float(r["rank"]) for r in kept_here) >= max(
+                [float(r["rank"]) for r in usable if r not in kept_here], default=0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(v["verified"] for k, v in summary["data"].items() if k.startswith("synthetic source"))
+    assert "real_only" in (out / "report.html").read_text()

@@ -112,3 +112,22 @@ def test_generate_filter_writes_candidates_and_the_selection(pool, tmp_path, cap
     assert "kept" in capsys.readouterr().out
     assert generate_main(["--run", str(pool / "run"), "--per-class", "3", "--out", str(tmp_path / "h"),
                           "--filter", "confidence"]) == 2                    # --train is required
+
+
+def test_a_class_too_small_for_the_extractor_is_one_clear_error(crc_mini, tmp_path, monkeypatch):
+    """The histology extractor (selection scores, tissue-space metrics) holds out a stratified
+    share of every class: a class with one training tile was an internal error inside
+    scikit-learn; now it is a user error naming the class (and so is a one-class tree)."""
+    from histosynth.errors import UserError
+    from metrics.histology import histology_weights
+
+    monkeypatch.setenv("HISTOSYNTH_CACHE", str(tmp_path / "cache"))
+    for cls, n in (("ADI", 3), ("LYM", 1)):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for f in sorted((crc_mini / cls).iterdir())[:n]:
+            shutil.copy(f, tmp_path / "train" / cls / f.name)
+    with pytest.raises(UserError, match=r"LYM \(1\) have fewer than 2 training tiles"):
+        histology_weights(tmp_path / "train", progress=False)
+    shutil.rmtree(tmp_path / "train" / "LYM")
+    with pytest.raises(UserError, match="has one class"):
+        histology_weights(tmp_path / "train", progress=False)
