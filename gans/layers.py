@@ -25,14 +25,15 @@ from torch.nn.utils.parametrizations import spectral_norm
 # checkpoints see the same parameters as the literal blocks): row k of it sums the 3x3 rows that
 # land on input row offset k.
 
-_UP_TAPS = ((0., 0., 1.), (0., 1., 1.), (1., 1., 0.), (1., 0., 0.))      # 4 kernel rows <- 3 weight rows
-_DOWN_TAPS = ((1., 0., 0.), (1., 1., 0.), (0., 1., 1.), (0., 0., 1.))
+# row k of a 4x4 kernel <- the 3x3 weight rows that land on input row offset k
+_UP_TAPS = torch.tensor([[0., 0., 1.], [0., 1., 1.], [1., 1., 0.], [1., 0., 0.]])
+_DOWN_TAPS = torch.tensor([[1., 0., 0.], [1., 1., 0.], [0., 1., 1.], [0., 0., 1.]])
 
 
-def _kernel4(weight: torch.Tensor, taps: tuple, transposed: bool) -> torch.Tensor:
+def _kernel4(weight: torch.Tensor, taps: torch.Tensor, transposed: bool) -> torch.Tensor:
     """The 4x4 kernel T W T^T of a 3x3 ``weight`` (O x I x 3 x 3), computed in the weight's own
     precision (autocast casts it with the input, as it would the 3x3 weight)."""
-    t = torch.tensor(taps, dtype=weight.dtype, device=weight.device)           # 4 x 3
+    t = taps.to(weight)                                                        # 4 x 3; no copy for fp32 CPU
     with torch.autocast(weight.device.type, enabled=False):
         return torch.einsum("ka,oiab,lb->" + ("iokl" if transposed else "oikl"), t, weight, t)
 

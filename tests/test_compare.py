@@ -382,18 +382,14 @@ def test_the_synthetic_compare_config_runs_on_an_unseen_imbalanced_tree(crc_mini
     trained on the training split, each arm at the same budget (100 % of each minority class), the
     selected arms keeping only candidates that pass, every synthetic set verified by the leakage
     guard. Only sizes are shrunk; arms, stages, filters and the report are the shipped ones."""
-    for cls, extra in {"ADI": "NORM", "DEB": None, "LYM": None}.items():   # train 4 / 2 / 2 tiles
-        files = sorted((crc_mini / cls).iterdir())
-        more = sorted((crc_mini / extra).iterdir())[:2] if extra else []
-        for split, fs in (("train", files[:2] + more), ("val", files[2:3]), ("test", files[3:4])):
-            (tmp_path / "data" / split / cls).mkdir(parents=True, exist_ok=True)
-            for f in fs:
-                shutil.copy(f, tmp_path / "data" / split / cls / f.name)
+    data = _split_tree(crc_mini, tmp_path / "data", classes=3)          # ADI, DEB, LYM: 2 / 1 / 1 each
+    for f in sorted((crc_mini / "NORM").iterdir())[:2]:                   # ADI the majority: train 4 / 2 / 2
+        shutil.copy(f, data / "train" / "ADI" / f.name)
     diffusion = ("[data.image_size=32, 'model.channels=[8, 16]', model.norm_groups=4, model.timesteps=50, "
                  "train.batch_size=4, train.steps=4, train.checkpoint_every=2, train.sample_every=2, "
                  "train.samples_per_class=2, train.warmup_steps=0, train.device=cpu]")
     # per_class=8: candidates to spare (most of a 4-step GAN's tiles are near-copies of 8 real tiles)
-    sets = [f"data.root={tmp_path / 'data'}", f"generators.gan.set={TINY_GAN}",
+    sets = [f"data.root={data}", f"generators.gan.set={TINY_GAN}",
             f"generators.diffusion.set={diffusion}", "generators.diffusion.options={steps: 3, guidance_scale: 1.5}",
             "generators.gan.per_class=8", "generators.diffusion.per_class=8",
             "seeds=[0]", *FAST, "downstream.train.channels_last=off"]
