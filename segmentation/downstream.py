@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from histosynth.checkpoint import atomic_write, atomic_write_text
 from histosynth.config import ConfigError
@@ -111,7 +112,8 @@ class Segmentation:
         model, info = model_from_checkpoint(best)
         probs = predict_images(rt.prepare(model), test.images, rt, cfg.eval.window)
         preds = [p >= cfg.eval.threshold for p in probs]
-        m = segmentation_metrics(preds, test.masks, test.instances, cfg.eval.instances, cfg.eval.min_size)
+        m = segmentation_metrics(preds, test.masks, test.instances, cfg.eval.instances, cfg.eval.min_size,
+                                 threads=torch.get_num_threads())
         for row, stem in zip(m["per_image"], test.stems):
             row["image"] = stem
         atomic_write_text(cell / "metrics.json", json.dumps(m, indent=1, default=float))

@@ -8,6 +8,9 @@ Shapes: masks ``H x W`` (bool or 0/1), instance maps ``H x W`` int (0 background
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 
@@ -60,18 +63,24 @@ def _h_maxima(dist: np.ndarray, h: float) -> np.ndarray:
     return out
 
 
+def _consecutive(a: np.ndarray) -> np.ndarray:
+    """``a``'s ids renumbered: 0 stays 0, the other ids present become 1..n in their order."""
+    a = np.asarray(a).ravel()
+    if a.size and np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() <= 4 * a.size:
+        present = np.bincount(a) > 0                 # a look-up table: no sort of every pixel
+        present[0] = False
+        return np.cumsum(present)[a]
+    ids, inv = np.unique(a, return_inverse=True)
+    return inv if ids[0] == 0 else inv + 1
+
+
 def _overlaps(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Intersection matrix (n_true x n_pred) and the areas of every true and predicted instance
     (ids need not be consecutive: absent ids are no instances)."""
-    def consecutive(a: np.ndarray) -> np.ndarray:       # 0 stays 0, the ids present become 1..n
-        ids, inv = np.unique(np.asarray(a).ravel(), return_inverse=True)
-        return inv if ids[0] == 0 else inv + 1
-    t, p = consecutive(truth), consecutive(pred)
-    nt, np_ = int(t.max()), int(p.max())
-    both = (t > 0) & (p > 0)
-    inter = np.zeros((nt + 1, np_ + 1), np.int64)
-    np.add.at(inter, (t[both], p[both]), 1)
-    return inter[1:, 1:], np.bincount(t, minlength=nt + 1)[1:], np.bincount(p, minlength=np_ + 1)[1:]
+    t, p = _consecutive(truth), _consecutive(pred)
+    nt, np_ = int(t.max(initial=0)), int(p.max(initial=0))
+    joint = np.bincount(t * (np_ + 1) + p, minlength=(nt + 1) * (np_ + 1)).reshape(nt + 1, np_ + 1)
+    return joint[1:, 1:], joint[1:].sum(1), joint[:, 1:].sum(0)     # (0, j) / (i, 0): the other side's background
 
 
 def aji(truth: np.ndarray, pred: np.ndarray) -> float:
@@ -79,7 +88,15 @@ def aji(truth: np.ndarray, pred: np.ndarray) -> float:
     predicted nucleus S_j of highest IoU; AJI = sum |G_i & S_j| / (sum |G_i | S_j| + the area of
     true nuclei no prediction touches + the area of predictions matched to none) -- the
     convention of the challenge's and HoVer-Net's code."""
-    inter, at, ap = _overlaps(truth, pred)
+    return _aji(*_overlaps(truth, pred))
+
+
+def panoptic_quality(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """PQ = SQ x RQ with true and predicted instances matched at IoU > 0.5 (a unique matching)."""
+    return _pq(*_overlaps(truth, pred))
+
+
+def _aji(inter: np.ndarray, at: np.ndarray, ap: np.ndarray) -> float:
     if len(at) == 0:
         return 1.0 if len(ap) == 0 else 0.0
     if len(ap) == 0:
@@ -96,9 +113,7 @@ def aji(truth: np.ndarray, pred: np.ndarray) -> float:
     return float(c / (u + ap[~used].sum()))
 
 
-def panoptic_quality(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """PQ = SQ x RQ with true and predicted instances matched at IoU > 0.5 (a unique matching)."""
-    inter, at, ap = _overlaps(truth, pred)
+def _pq(inter: np.ndarray, at: np.ndarray, ap: np.ndarray) -> dict[str, float]:
     if len(at) == 0 and len(ap) == 0:
         return {"pq": 1.0, "sq": 1.0, "rq": 1.0}
     union = at[:, None] + ap[None, :] - inter
@@ -112,9 +127,10 @@ def panoptic_quality(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 def segmentation_metrics(preds: list[np.ndarray], truths: list[np.ndarray],
                          truth_instances: list[np.ndarray] | None = None, split: str = "watershed",
-                         min_size: int = 10) -> dict:
+                         min_size: int = 10, threads: int = 0) -> dict:
     """Per image and pooled Dice / IoU, pixel accuracy, and (with instance label maps of the truth)
-    mean AJI and PQ of the instances found in each prediction."""
+    mean AJI and PQ of the instances found in each prediction, ``threads`` images at a time (0:
+    the cores this process may use; scikit-image and SciPy release the GIL)."""
     per = [dice_iou(p, t) for p, t in zip(preds, truths)]
     inter = sum(int(np.logical_and(p, t).sum()) for p, t in zip(preds, truths))
     sp, st = sum(int(np.asarray(p, bool).sum()) for p in preds), sum(int(np.asarray(t, bool).sum()) for t in truths)
@@ -124,10 +140,17 @@ def segmentation_metrics(preds: list[np.ndarray], truths: list[np.ndarray],
            "dice_pooled": 2 * inter / max(sp + st, 1), "iou_pooled": inter / max(sp + st - inter, 1),
            "pixel_accuracy": acc / max(n, 1), "per_image": [{"dice": d, "iou": i} for d, i in per]}
     if truth_instances is not None:
-        found = [instances(p, split, min_size) for p in preds]
-        ajis = [aji(t, f) for t, f in zip(truth_instances, found)]
-        pqs = [panoptic_quality(t, f) for t, f in zip(truth_instances, found)]
+        def one(truth: np.ndarray, pred: np.ndarray) -> tuple[float, dict[str, float]]:
+            overlaps = _overlaps(truth, instances(pred, split, min_size))
+            return _aji(*overlaps), _pq(*overlaps)
+
+        with ThreadPoolExecutor(max(1, min(len(preds), threads or _cores()))) as pool:
+            ajis, pqs = zip(*pool.map(one, truth_instances, preds)) if preds else ((), ())
         out.update(aji=float(np.mean(ajis)), pq=float(np.mean([q["pq"] for q in pqs])))
         for row, a, q in zip(out["per_image"], ajis, pqs):
             row.update(aji=a, pq=q["pq"])
     return out
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

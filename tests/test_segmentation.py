@@ -63,6 +63,9 @@ def test_metrics_equal_hand_computed_values():
     assert m["aji"] == pytest.approx(8 / 20) and m["pq"] == pytest.approx(4 / 9)
     assert dice_iou(np.zeros((3, 3)), np.zeros((3, 3))) == (1.0, 1.0)        # nothing to find, nothing found
     assert aji(TRUTH, TRUTH) == 1.0 and panoptic_quality(TRUTH, TRUTH)["pq"] == 1.0
+    # ids need not be consecutive: gaps (a look-up table) and huge ids (a sort) name the same nuclei
+    gaps, huge = TRUTH * 7, np.where(PRED > 0, PRED + 10 ** 9, 0)
+    assert aji(gaps, huge) == pytest.approx(8 / 20) and panoptic_quality(gaps, huge)["pq"] == pytest.approx(4 / 9)
 
 
 def test_watershed_splits_two_touching_nuclei():
