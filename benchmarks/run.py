@@ -34,6 +34,7 @@ FLOPs per iteration are counted with torch.utils.flop_counter.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -96,6 +97,11 @@ def _flops(fn) -> int | None:
     return int(fc.get_total_flops())
 
 
+def _reference_runtime() -> Runtime:
+    """fp32, NCHW, and the per-tensor Adam / AdamW loop, as the reference implementations run."""
+    return dataclasses.replace(Runtime.from_choices("auto", "off", "off"), fused_optimizers=False)
+
+
 def _paths(name: str, build, compile_build=None) -> list[tuple[str, object, Runtime, dict]]:
     """(path, task, runtime, measured candidates) for the reference-equivalent path, histosynth's
     default path -- the one the engine chooses, measured here now between the candidates the
@@ -103,7 +109,7 @@ def _paths(name: str, build, compile_build=None) -> list[tuple[str, object, Runt
     with ``train.compile: on``. ``build(rt)``: a fresh task on runtime ``rt``."""
     from gans.layers import set_resampling
     from histosynth import autotune
-    ref = Runtime.from_choices("auto", "off", "off")
+    ref = _reference_runtime()
     choice = autotune.choose(name, build, Runtime.candidates("auto", "auto", "auto", cpu_fast_path=True),
                              force=True)
     out = []
@@ -220,7 +226,7 @@ def section_effnet(iters: int) -> list[dict]:
             return ClassifierTask(cfg, data, tiles[:1], np.zeros(1, int), ["a", "b", "c"], rt, seed=0)
         choice = autotune.choose("classifier", build, Runtime.candidates(t.device, t.amp, t.channels_last),
                                  force=True)
-        for path, rt in ((REFERENCE, Runtime.from_choices("auto", "off", "off")), (DEFAULT, choice.runtime)):
+        for path, rt in ((REFERENCE, _reference_runtime()), (DEFAULT, choice.runtime)):
             torch.manual_seed(0)
             task = build(rt)
             if path == REFERENCE:

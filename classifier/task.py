@@ -75,7 +75,7 @@ class ClassifierTask:
         self.optimizers = {"model": torch.optim.AdamW([{"params": body, "lr": t.lr * t.backbone_lr},
                                                        {"params": head, "lr": t.lr}],
                                                       lr=t.lr, weight_decay=t.weight_decay,
-                                                      fused=rt.device.type == "cuda")}
+                                                      **rt.optimizer_options())}
         self.ema_names: tuple[str, ...] = ()
         self.batches = StepBatches(train, t.batch_size, seed, sampler, rt.rank, rt.world)
         spe = self.batches.steps_per_epoch

@@ -87,7 +87,7 @@ class GANTask:
         G, D = create_model(cfg.model.family, cfg.data.image_size, self.num_classes,
                             cfg.model.z_dim, cfg.model.ch, cfg.model.conditioning)
         self.G, self.D = rt.prepare(G), rt.prepare(D)
-        fused = {"fused": True} if rt.device.type == "cuda" else {}
+        fused = rt.optimizer_options()
         self.modules = {"G": self.G, "D": self.D}
         # the steps call these: the modules, or torch.compile's wrappers (train.compile: on)
         self.run_G, self.run_D = compiled(self.G, t.compile), compiled(self.D, t.compile)

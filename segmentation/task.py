@@ -116,7 +116,7 @@ class SegmentationTask:
         self.model = rt.prepare(create_segmenter(m))
         self.modules = {"model": self.model}
         self.optimizers = {"model": torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
-                                                      fused=rt.device.type == "cuda")}
+                                                      **rt.optimizer_options())}
         self.ema_names: tuple[str, ...] = ()
         self.batches = StepBatches(train, t.batch_size, seed, "random", rt.rank, rt.world)
         validate = val_images is not None

@@ -287,7 +287,7 @@ class CycleGANTask:
         self.modules = {"G_ab": self.G_ab, "G_ba": self.G_ba, "D_a": self.D_a, "D_b": self.D_b}
         # the steps call these: the modules, or torch.compile's wrappers (train.compile: on)
         self.run = {n: compiled(m, t.compile) for n, m in self.modules.items()}
-        fused = {"fused": True} if rt.device.type == "cuda" else {}
+        fused = rt.optimizer_options()
         self.optimizers = {
             "G": torch.optim.Adam(itertools.chain(self.G_ab.parameters(), self.G_ba.parameters()),
                                   lr=t.lr_g, betas=t.betas, **fused),

@@ -270,7 +270,7 @@ class DiffusionTask:
         self.unet = rt.prepare(build_unet(cfg, self.num_classes))
         self.modules = {"unet": self.unet}
         self.optimizers = {"unet": torch.optim.AdamW(self.unet.parameters(), lr=t.lr, weight_decay=t.weight_decay,
-                                                     fused=rt.device.type == "cuda")}
+                                                     **rt.optimizer_options())}
         self.ema_names = ("unet",)
         self.noise = training_scheduler(cfg)
         self.sampler = BatchSampler(len(data), t.batch_size, t.seed, rt.rank, rt.world)

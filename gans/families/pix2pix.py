@@ -191,7 +191,7 @@ class Pix2PixTask:
         self.D = rt.prepare(PatchDiscriminator(m.ndf, m.d_layers, in_ch=4))
         self.modules = {"G": self.G, "D": self.D}
         self.run = {n: compiled(mod, t.compile) for n, mod in self.modules.items()}
-        fused = {"fused": True} if rt.device.type == "cuda" else {}
+        fused = rt.optimizer_options()
         self.optimizers = {"G": torch.optim.Adam(self.G.parameters(), lr=t.lr_g, betas=t.betas, **fused),
                            "D": torch.optim.Adam(self.D.parameters(), lr=t.lr_d, betas=t.betas, **fused)}
         self.ema_names = ("G",)
