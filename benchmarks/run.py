@@ -209,6 +209,7 @@ def section_effnet(iters: int) -> list[dict]:
     import numpy as np
     from classifier.config import ClassifierConfig
     from classifier.data import TileDataset
+    from classifier.model import set_same_padding
     from classifier.task import ClassifierTask
     from histosynth import config as configlib
 
@@ -230,7 +231,8 @@ def section_effnet(iters: int) -> list[dict]:
             torch.manual_seed(0)
             task = build(rt)
             if path == REFERENCE:
-                task.model.body.set_swish(memory_efficient=True)    # efficientnet-pytorch's default
+                task.model.body.set_swish(memory_efficient=True)    # efficientnet-pytorch's defaults
+                set_same_padding(task.model.body, folded=False)
             s = _median_time(task.train_step, iters, rt)
             rows.append(_row(f"EfficientNet-B0 train step b{batch} {size}px", path, rt, s, batch,
                              choice.seconds if path == DEFAULT else {}, flops=_flops(task.train_step)))

@@ -89,6 +89,7 @@ def _raw(variant: str, imagenet: bool) -> tuple[nn.Module, str]:
         # the library's own switch from its Python-level autograd Function (sigmoid recomputed in
         # backward, saves little at tile sizes) to torch's fused SiLU kernels: the same function
         net.set_swish(memory_efficient=False)
+        set_same_padding(net, folded=True)
         if imagenet:
             if variant not in url_map:
                 raise WeightsNotCached(f"efficientnet-pytorch publishes no standard ImageNet weights for {variant}")
@@ -120,6 +121,26 @@ def _raw(variant: str, imagenet: bool) -> tuple[nn.Module, str]:
                                f"\"import timm; timm.create_model('{name}', pretrained=True)\", or set model.weights "
                                "to a local file or null") from None
     return net, ""
+
+
+def set_same_padding(net: nn.Module, folded: bool = True) -> None:
+    """efficientnet-pytorch pads the input of every "same" convolution with an ``nn.ZeroPad2d``
+    of its own; where that padding is symmetric (every stride-1 conv: most of the depthwise
+    ones) the convolution's own zero padding (``folded``) computes the same without a padded
+    copy of the input, and of its gradient in backward. ``folded=False``: the library's layers
+    as they come (the benchmarks' reference path). Parameters and state dicts do not change."""
+    from efficientnet_pytorch.utils import Conv2dStaticSamePadding
+
+    for m in net.modules():
+        if not isinstance(m, Conv2dStaticSamePadding):
+            continue
+        if folded and isinstance(m.static_padding, nn.ZeroPad2d) and tuple(m.padding) == (0, 0):
+            left, right, top, bottom = m.static_padding.padding
+            if left == right and top == bottom:
+                m.padding, m.static_padding = (top, left), nn.Identity()
+        elif not folded and tuple(m.padding) != (0, 0):
+            (ph, pw), m.padding = m.padding, (0, 0)
+            m.static_padding = nn.ZeroPad2d((pw, pw, ph, ph))
 
 
 def _strip_head(net: nn.Module, head: str) -> tuple[nn.Module, int]:

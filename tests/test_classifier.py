@@ -160,3 +160,30 @@ def test_one_augment_name_means_the_same_symmetries_for_the_gans_and_the_classif
     hwc = np.ascontiguousarray(tile.transpose(1, 2, 0))
     clf = {build_augment(name, s)(image=hwc)["image"].transpose(2, 0, 1).copy().tobytes() for s in range(200)}
     assert len(gan) == count and gan == clf
+
+
+def test_efficientnet_same_padding_folded_into_the_convolutions_is_the_library_network(crc_mini):
+    """The symmetric "same" padding of efficientnet-pytorch's convolutions is their own zero
+    padding (no padded copy): the library's network in value and every gradient, on real tiles
+    (float64); the asymmetric stride-2 paddings stay as the library has them."""
+    from efficientnet_pytorch.utils import Conv2dStaticSamePadding
+
+    from classifier.model import set_same_padding
+    from histosynth.data import normalise
+
+    x = normalise(torch.from_numpy(TileCache.build(crc_mini, 64, progress=False).images[:4].copy())).double()
+    torch.manual_seed(0)
+    model = create_classifier("efficientnet-b0", 3).double().eval()     # eval: BatchNorm's stored statistics
+    convs = [m for m in model.modules() if isinstance(m, Conv2dStaticSamePadding)]
+    assert sum(tuple(m.padding) != (0, 0) for m in convs) >= 10          # folded by the factory
+    runs = []
+    for folded in (True, False):
+        set_same_padding(model.body, folded)
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        runs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert all(tuple(m.padding) == (0, 0) for m in convs)               # unfolded: the library's layers
+    (o1, g1), (o2, g2) = runs
+    assert torch.allclose(o1, o2, rtol=1e-10, atol=1e-12) and not torch.equal(o1[0], o1[1])
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g1, g2))
