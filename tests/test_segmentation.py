@@ -75,9 +75,10 @@ def test_watershed_splits_two_touching_nuclei():
     assert instances(two, "components").max() == 1 and instances(two, "watershed").max() == 2
 
 
-def test_watershed_markers_per_region_equal_scikit_image_on_the_whole_mask():
-    """instances() finds h-maxima one region of the smoothed distance map at a time (faster); the
-    markers must be scikit-image's own, on real nucleus masks, with nuclei merged and thinned."""
+def test_watershed_markers_equal_scikit_image_h_maxima():
+    """instances() finds the h-maxima without reconstructing the whole image (faster); the
+    markers must be scikit-image's own: on real nucleus masks, merged and thinned, on maps with
+    plateaus (rounded values), and where a thin object's smoothed peak stays below h."""
     from scipy import ndimage as ndi
     from skimage.morphology import h_maxima
 
@@ -86,12 +87,36 @@ def test_watershed_markers_per_region_equal_scikit_image_on_the_whole_mask():
         m = np.asarray(Image.open(f)) > 0
         for mm in (m, ndi.binary_dilation(m, iterations=2), ndi.binary_erosion(m, iterations=2)):
             d = ndi.gaussian_filter(ndi.distance_transform_edt(mm), 1.0)
-            expected = h_maxima(d, 1.0)
-            assert expected.sum() > 10 and np.array_equal(_h_maxima(d, 1.0), expected), f.name
+            for dd in (d, np.round(d, 1)):
+                expected = h_maxima(dd, 1.0)
+                assert expected.sum() > 10 and np.array_equal(_h_maxima(dd, 1.0), expected), f.name
+    line = np.zeros((40, 60), bool)
+    line[5, 5:30] = True                                   # peak ~0.4 after smoothing: below h
+    line[15:35, 20:45] = True
+    d = ndi.gaussian_filter(ndi.distance_transform_edt(line), 1.0)
+    assert np.array_equal(_h_maxima(d, 1.0), h_maxima(d, 1.0))
+    assert np.array_equal(_h_maxima(np.zeros((5, 5)), 1.0), h_maxima(np.zeros((5, 5)), 1.0))
 
 
 # ----------------------------------------------------------------------------------------------
 # pairs data
+
+
+def test_decoder_widths_are_built_and_a_bad_choice_is_named():
+    """decoder_channels sets the U-Net's five decoder blocks (deepest first); it is refused, by
+    key, for an architecture whose decoder it does not describe or with the wrong length."""
+    import torch
+
+    from segmentation.config import SegmenterModelConfig
+    from segmentation.model import create_segmenter
+
+    net = create_segmenter(SegmenterModelConfig(decoder_channels=[64, 32, 16, 16, 8], image_size=64, tile_size=64))
+    assert [b.conv2[0].out_channels for b in net.decoder.blocks] == [64, 32, 16, 16, 8]
+    assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    with pytest.raises(configlib.ConfigError, match="decoder_channels.*FPN"):
+        SegmenterModelConfig(arch="FPN", decoder_channels=[64, 32, 16, 16, 8])
+    with pytest.raises(configlib.ConfigError, match="decoder_channels.*five"):
+        SegmenterModelConfig(decoder_channels=[64, 32])
 
 
 def test_demo_pairs_load_as_tiles_and_whole_images():
