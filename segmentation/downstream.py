@@ -108,7 +108,7 @@ class Segmentation:
 
     def score(self, cfg: SegmenterConfig, best: dict, train: TileSet, test: PairSet, cell: Path,
               groups: Sequence[str] | None = None) -> dict[str, float]:
-        rt = segmenter_runtime(cfg)
+        rt = segmenter_runtime(cfg, inference=True)
         model, info = model_from_checkpoint(best)
         probs = predict_images(rt.prepare(model), test.images, rt, cfg.eval.window)
         preds = [p >= cfg.eval.threshold for p in probs]

@@ -30,18 +30,21 @@ from segmentation.augment import build_pair_augment
 from segmentation.config import SegmenterConfig
 from segmentation.data import tile_starts
 from segmentation.metrics import dice_iou
-from segmentation.model import create_segmenter
+from segmentation.model import create_segmenter, unet_inference_runtime
 
 CRITERION = Criterion("val_dice", "max")
 
 
-def segmenter_runtime(cfg: SegmenterConfig, candidates: bool = False):
+def segmenter_runtime(cfg: SegmenterConfig, candidates: bool = False, inference: bool = False):
     """Device and precision of a segmenter: ``amp: auto`` is bf16 + channels_last on CUDA and on
     CPUs with native bf16 (measured on 2 AMX cores, resnet18 U-Net: 2.1x per training step at
     128 px crops, 3.3x at 256 px, 4x for whole-image prediction), fp32 elsewhere: the rule's
     path, or (``candidates``) every path the config admits, the rule's first, for training runs
-    to measure (:mod:`histosynth.autotune`)."""
+    to measure (:mod:`histosynth.autotune`); ``inference``: the path a trained segmenter predicts
+    test images on (:func:`~segmentation.model.unet_inference_runtime`)."""
     t = cfg.train
+    if inference:
+        return unet_inference_runtime(t.device, t.amp, t.channels_last)
     pick = Runtime.candidates if candidates else Runtime.from_choices
     return pick(t.device, t.amp, t.channels_last, cpu_fast_path=True)
 
@@ -162,6 +165,7 @@ class SegmentationTask:
     def info(self) -> dict[str, Any]:
         m = self.cfg.model
         return {"arch": m.arch, "encoder": m.encoder, "image_size": m.image_size, "tile_size": m.tile_size,
+                "decoder_channels": m.decoder_channels,
                 "classes": ["background", "foreground"]}
 
     def state_dict(self) -> dict[str, Any]:
@@ -178,6 +182,7 @@ def model_from_checkpoint(ck: dict) -> tuple[torch.nn.Module, dict]:
 
     info = dict(ck["info"])
     model = create_segmenter(SegmenterModelConfig(arch=info["arch"], encoder=info["encoder"],
-                                                  image_size=info["image_size"], tile_size=info["tile_size"]))
+                                                  image_size=info["image_size"], tile_size=info["tile_size"],
+                                                  decoder_channels=info.get("decoder_channels")))
     model.load_state_dict(ck["modules"]["model"])
     return model.eval(), info

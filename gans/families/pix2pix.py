@@ -42,6 +42,7 @@ from histosynth.roles import Grid, PairGenerator
 from histosynth.runtime import Runtime, compiled, eval_mode
 from segmentation.data import PairSet, load_pairs
 from segmentation.masks import METHODS, MaskDrawer
+from segmentation.model import unet_inference_runtime
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -281,10 +282,9 @@ class Pix2PixPairs:
     (transform | place | mix; default: the run's sample.masks) and ``size`` (the side of the
     pairs, a multiple of 32; default: data.tile_size)."""
 
-    def __init__(self, G: MaskPainter, bank: np.ndarray, image_size: int, masks: str,
-                 device: torch.device | str = "cpu", batch: int = 16):
-        self.G, self.drawer, self.image_size, self.masks = G, MaskDrawer(bank), image_size, masks
-        self.device, self.batch = torch.device(device), batch
+    def __init__(self, G: MaskPainter, bank: np.ndarray, image_size: int, masks: str, rt: Runtime, batch: int = 16):
+        self.G, self.drawer, self.image_size, self.masks = rt.prepare(G), MaskDrawer(bank), image_size, masks
+        self.rt, self.batch = rt, batch
 
     @torch.no_grad()
     def sample_pairs(self, seeds: Sequence[int], **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,8 +302,10 @@ class Pix2PixPairs:
         images = []
         with eval_mode(self.G):
             for i in range(0, len(seeds), self.batch):
-                m = torch.from_numpy(masks[i:i + self.batch]).float()[:, None].to(self.device)
-                images.append(to_uint8(self.G(m, noise[i:i + self.batch].to(self.device))).cpu())
+                m = self.rt.batch(torch.from_numpy(masks[i:i + self.batch]).float()[:, None])
+                with self.rt.autocast():
+                    painted = self.G(m, self.rt.batch(noise[i:i + self.batch]))
+                images.append(to_uint8(painted).cpu())
         return torch.cat(images), torch.from_numpy(masks)
 
 
@@ -312,7 +314,7 @@ def _from_checkpoint(ck: dict, weights: str = "ema", device: Any = "cpu") -> Pix
     G = MaskPainter(cfg.model.encoder, cfg.model.noise)
     G.load_state_dict(module_state(ck, "G", weights))
     bank = _unpack(ck["info"]["mask_bank"], ck["info"]["mask_bank_shape"])
-    return Pix2PixPairs(G.to(device).eval(), bank, int(ck["info"]["tile_size"]), cfg.sample.masks, device)
+    return Pix2PixPairs(G.eval(), bank, int(ck["info"]["tile_size"]), cfg.sample.masks, unet_inference_runtime(str(device)))
 
 
 FAMILY = Family(name="pix2pix", paper="Isola et al., CVPR 2017", config=Pix2PixConfig,
