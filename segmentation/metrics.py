@@ -67,20 +67,16 @@ def _h_maxima(dist: np.ndarray, h: float, window: int = 8) -> np.ndarray:
     near = ndi.maximum_filter(seed, footprint=EIGHT, mode="constant", cval=-np.inf)   # highest seed beside p
     grid = near <= f - h + _slack(f, h)                       # every pixel that might be marked, and a few more
     clusters, n = ndi.label(grid, structure=EIGHT)
-    out = np.zeros(f.shape, np.uint8)
-    if n == 0:
-        return out
     at = np.flatnonzero(grid)
     of = clusters.ravel()[at]
-    ids = np.arange(1, n + 1)
-    values = f.flat[at]
     low, high = np.full(n + 1, np.inf), np.full(n + 1, -np.inf)
-    np.minimum.at(low, of, values)                            # (no sort, unlike ndimage's labelled minimum)
-    np.maximum.at(high, of, values)
-    flat = low == high                                        # clusters of one value: plateaus
+    np.minimum.at(low, of, f.flat[at])                        # (no sort, unlike ndimage's labelled minimum)
+    np.maximum.at(high, of, f.flat[at])
+    flat = low == high                                        # clusters of one value (plateaus); never 0
+    plateaus = np.flatnonzero(flat)
     first = np.zeros(n + 1, np.int64)
     first[of[::-1]] = at[::-1]                                # each cluster's first pixel (the last write wins)
-    reps = np.concatenate([first[ids[flat[1:]]], at[~flat[of]]])
+    reps = np.concatenate([first[plateaus], at[~flat[of]]])   # one pixel a plateau, every other pixel
     t = _thresholds(f.flat[reps], h)
     marked = np.zeros(len(reps), bool)
     rows, cols = f.shape
@@ -98,10 +94,10 @@ def _h_maxima(dist: np.ndarray, h: float, window: int = 8) -> np.ndarray:
                 marked[k] = True                              # p's whole component, and no higher seed in it
                 break
             r *= 2
-    n_flat = int(flat.sum())
+    n_flat = len(plateaus)
     plateau_marked = np.zeros(n + 1, bool)
-    plateau_marked[ids[flat[1:]]] = marked[:n_flat]
-    out[plateau_marked[clusters]] = 1                         # a plateau's pixels share its decision
+    plateau_marked[plateaus] = marked[:n_flat]
+    out = plateau_marked[clusters].astype(np.uint8)           # a plateau's pixels share its decision
     out.flat[reps[n_flat:][marked[n_flat:]]] = 1
     return out
 
@@ -113,7 +109,8 @@ def _slack(f: np.ndarray, h: float) -> np.ndarray:
 def _thresholds(values: np.ndarray, h: float) -> np.ndarray:
     """For each value f, the largest float t with ``f - t >= h`` in floating point (bisection
     between two floats that bracket it)."""
-    lo, hi = values - h - _slack(values, h), values - h + _slack(values, h)
+    slack = _slack(values, h)
+    lo, hi = values - h - slack, values - h + slack
     while True:
         mid = lo + (hi - lo) / 2
         open_ = (mid != lo) & (mid != hi)

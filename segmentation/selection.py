@@ -45,7 +45,7 @@ def train_selector(cfg: SegmenterConfig, train: PairSet, run: Path, progress: bo
     model, _ = model_from_checkpoint(engine.load_checkpoint(engine.RunDir(run).checkpoint("last")))
     note = (f"{cfg.model.arch}/{cfg.model.encoder} trained {t.steps} steps on the {len(set(train.stems))} real "
             f"training images (flips/rotations, seed 0), {run}")
-    return segmenter_runtime(cfg, inference=True).prepare(model), note
+    return model, note
 
 
 def score_pairs(model: torch.nn.Module, cands: PairSet, train: PairSet, cfg: SegmenterConfig) -> dict[str, np.ndarray]:
@@ -56,7 +56,7 @@ def score_pairs(model: torch.nn.Module, cands: PairSet, train: PairSet, cfg: Seg
     from segmentation.task import predict_images, segmenter_runtime
 
     rt = segmenter_runtime(cfg, inference=True)
-    probs = predict_images(model, list(cands.images), rt, cfg.eval.window)
+    probs = predict_images(rt.prepare(model), list(cands.images), rt, cfg.eval.window)
     dice = np.array([dice_iou(p >= cfg.eval.threshold, m)[0] for p, m in zip(probs, cands.masks)])
     pix = PixelExtractor()
     fc = torch.cat([pix(torch.from_numpy(np.asarray(cands.images[i:i + 256]))) for i in range(0, len(cands), 256)])
