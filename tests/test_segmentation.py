@@ -119,6 +119,31 @@ def test_decoder_widths_are_built_and_a_bad_choice_is_named():
         SegmenterModelConfig(decoder_channels=[64, 32])
 
 
+def test_tiles_predicted_in_batches_equal_one_at_a_time():
+    """Same-sized images within the window go through the U-Net together; a whole image larger
+    than the window is predicted in overlapping windows; both give what predicting each image
+    alone gives."""
+    import torch
+
+    from histosynth.runtime import Runtime
+    from segmentation.config import SegmenterModelConfig
+    from segmentation.model import create_segmenter
+    from segmentation.task import predict_image, predict_images
+
+    torch.manual_seed(0)
+    net = create_segmenter(SegmenterModelConfig(decoder_channels=[32, 16, 16, 8, 8], image_size=64, tile_size=64))
+    rt = Runtime.from_choices("cpu", "off", "off")
+    tiles = load_pairs(DEMO / "train", 64, progress=False).images[:11]          # 11 real 64 px tiles
+    whole = load_pairs(DEMO / "test", None, progress=False).images[0]           # 384 px
+    images = [*tiles[:5], whole, *tiles[5:], whole[:, :80, :80]]
+    got = predict_images(net, images, rt, window=256)
+    alone = [predict_image(net.eval(), im, rt, window=256) for im in images]
+    assert [g.shape for g in got] == [a.shape for a in alone] == [np.shape(im)[1:] for im in images]
+    for g, a in zip(got, alone):
+        np.testing.assert_allclose(g, a, atol=1e-5)
+    assert 0.0 < got[0].min() < got[0].max() < 1.0
+
+
 def test_demo_pairs_load_as_tiles_and_whole_images():
     assert tile_starts(1000, 256) == [0, 248, 496, 744] and tile_starts(256, 256) == [0]
     train = load_pairs(DEMO / "train", 256, progress=False)
