@@ -102,22 +102,29 @@ def _reference_runtime() -> Runtime:
     return dataclasses.replace(Runtime.from_choices("auto", "off", "off"), fused_optimizers=False)
 
 
-def _paths(name: str, build, compile_build=None) -> list[tuple[str, object, Runtime, dict]]:
+def _paths(name: str, build, compile: bool = False) -> list[tuple[str, object, Runtime, dict]]:
     """(path, task, runtime, measured candidates) for the reference-equivalent path, histosynth's
     default path -- the one the engine chooses, measured here now between the candidates the
-    shipped ``auto`` keys admit (histosynth/autotune.py) -- and, with ``compile_build``, that path
-    with ``train.compile: on``. ``build(rt)``: a fresh task on runtime ``rt``."""
+    shipped ``auto`` keys admit (histosynth/autotune.py; with ``compile``, the compiled twin of the
+    fastest eager path too, as ``train.compile: auto`` does for a long run) -- and, with
+    ``compile`` where the default is eager, that path compiled (``train.compile: on``: what
+    compiling would give). ``build(rt)``: a fresh task on runtime ``rt``."""
     from gans.layers import set_resampling
     from histosynth import autotune
+    from histosynth.runtime import cpp_compiler
     ref = _reference_runtime()
-    choice = autotune.choose(name, build, Runtime.candidates("auto", "auto", "auto", cpu_fast_path=True),
+    can_compile = compile and (torch.cuda.is_available() or cpp_compiler() is not None)
+    choice = autotune.choose(name, build, Runtime.candidates("auto", "auto", "auto", cpu_fast_path=True,
+                                                             compile="auto" if can_compile else "off"),
                              force=True)
+    paths = [(REFERENCE, ref), (DEFAULT, choice.runtime)]
+    if can_compile and not choice.runtime.compiled:
+        paths.append((COMPILED, dataclasses.replace(choice.runtime, compiled=True)))
     out = []
-    for path, make, rt in ((REFERENCE, build, ref), (DEFAULT, build, choice.runtime),
-                           *([(COMPILED, compile_build, choice.runtime)] if compile_build else [])):
+    for path, rt in paths:
         torch.manual_seed(0)
         torch._dynamo.reset()     # a training run has one shape: no dynamic-shape kernels from the last size
-        task = make(rt)
+        task = build(rt)
         if path == REFERENCE:     # the papers' code resamples, then convolves (gans/layers.py)
             for module in task.modules.values():
                 set_resampling(module, fused=False)
@@ -125,13 +132,13 @@ def _paths(name: str, build, compile_build=None) -> list[tuple[str, object, Runt
     return out
 
 
-def _gan_builder(family: str, size: int, batch: int, ch: int | None, extra=(), compile: str = "off"):
+def _gan_builder(family: str, size: int, batch: int, ch: int | None, extra=()):
     from gans.adversarial import GANTask, load_data
     from gans.config import GANConfig
     from histosynth import config as configlib
 
     sets = [f"data.image_size={size}", f"train.batch_size={batch}", "data.cache=memory",
-            f"train.compile={compile}", *extra] + ([f"model.ch={ch}"] if ch else [])
+            *extra] + ([f"model.ch={ch}"] if ch else [])
     cfg = configlib.load(GANConfig, family, sets)[0]
     data = load_data(cfg, progress=False)
     return lambda rt: GANTask(cfg, data, rt)
@@ -155,9 +162,8 @@ def section_gans(iters: int) -> list[dict]:
 def section_sngan32(iters: int) -> list[dict]:
     rows = []
     extra = ["train.n_dis=5", "train.diffaugment=''", "loss.type=hinge"]
-    for path, task, rt, measured in _paths("sngan", _gan_builder("sngan", 32, 64, 64, extra),
-                                           _gan_builder("sngan", 32, 64, 64, extra, compile="on")):
-        warm = 3 if path == COMPILED else 1       # compiling: the first calls (grad on / off)
+    for path, task, rt, measured in _paths("sngan", _gan_builder("sngan", 32, 64, 64, extra), compile=True):
+        warm = 3 if rt.compiled else 1            # compiling: the first calls (grad on / off)
 
         def d_step():                             # one D update, its real batch drawn as in training
             task.d_step(*task.real_batch())
@@ -175,7 +181,7 @@ def section_sngan32(iters: int) -> list[dict]:
     return rows
 
 
-def cyclegan_config(batch: int, size: int, comp: str = "off"):
+def cyclegan_config(batch: int, size: int):
     """junyanz's CycleGAN shape on the bundled stand-in domains."""
     from gans.train_gan import load_config
     return load_config("cyclegan_cpu", [f"data.root_a={BUNDLED_A}", f"data.root_b={BUNDLED_B}",
@@ -183,7 +189,7 @@ def cyclegan_config(batch: int, size: int, comp: str = "off"):
                                         "data.load_size=256", "data.cache=memory", "model.ngf=64",
                                         "model.ndf=64", "model.n_blocks=9", "model.d_layers=3",
                                         "loss.type=lsgan", "loss.lambda_identity=0.5",
-                                        "loss.pool_size=50", f"train.compile={comp}"])[0]
+                                        "loss.pool_size=50"])[0]
 
 
 def section_cyclegan(iters: int) -> list[dict]:
@@ -191,12 +197,11 @@ def section_cyclegan(iters: int) -> list[dict]:
 
     rows = []
     for batch, size, quoted in ((1, 256, "cyclegan_b1_256"), (4, 128, "cyclegan_b4_128")):
-        cfg, cfg_c = cyclegan_config(batch, size), cyclegan_config(batch, size, "on")
+        cfg = cyclegan_config(batch, size)
         data = load_data(cfg, progress=False)
-        for path, task, rt, measured in _paths("cyclegan", lambda rt: CycleGANTask(cfg, data, rt),
-                                               lambda rt: CycleGANTask(cfg_c, data, rt)):
-            s = _median_time(task.train_step, iters, rt, 3 if path == COMPILED else 1)
-            fl = _flops(task.train_step) if path != COMPILED else rows[-1]["flops"]    # the same arithmetic
+        for path, task, rt, measured in _paths("cyclegan", lambda rt: CycleGANTask(cfg, data, rt), compile=True):
+            s = _median_time(task.train_step, iters, rt, 3 if rt.compiled else 1)
+            fl = _flops(task.train_step) if not rt.compiled else rows[-1]["flops"]    # the same arithmetic
             rows.append(_row(f"CycleGAN resnet_9blocks b{batch} {size}px iteration", path, rt, s, batch, measured,
                              quoted_reference_s=QUOTED[quoted], flops=fl, flop_per_s=fl / s))
     return rows

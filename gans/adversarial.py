@@ -89,8 +89,8 @@ class GANTask:
         self.G, self.D = rt.prepare(G), rt.prepare(D)
         fused = rt.optimizer_options()
         self.modules = {"G": self.G, "D": self.D}
-        # the steps call these: the modules, or torch.compile's wrappers (train.compile: on)
-        self.run_G, self.run_D = compiled(self.G, t.compile), compiled(self.D, t.compile)
+        # the steps call these: the modules, or torch.compile's wrappers (a compiled path)
+        self.run_G, self.run_D = compiled(self.G, rt.compiled), compiled(self.D, rt.compiled)
         self.optimizers = {
             "G": torch.optim.Adam(self.G.parameters(), lr=t.lr_g, betas=t.betas, **fused),
             "D": torch.optim.Adam(self.D.parameters(), lr=t.lr_d, betas=t.betas, **fused),

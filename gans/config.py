@@ -161,11 +161,14 @@ class TrainConfig:
     native bf16 (AMX / AVX-512 BF16: SNGAN-32 steps ~4x faster with channels_last), else fp32."""
     channels_last: Literal["auto", "on", "off"] = "auto"
     """NHWC memory layout; ``auto``: on for CUDA and wherever ``amp`` resolves to bf16."""
-    compile: Literal["off", "on"] = "off"
+    compile: Literal["auto", "off", "on"] = "auto"
     """``on``: torch.compile the networks' forward passes in the training steps (checkpoints,
-    EMA and sampling use the plain modules). Spectral-norm discriminators stay eager (their
-    in-place power iteration trips the compiled backward). Measured on CPU: CycleGAN 1.5-1.9x,
-    SNGAN-32 1.2x per iteration, after a 16-60 s first step; needs a C++ compiler on CPU."""
+    EMA and sampling use the plain modules; spectral-norm discriminators stay eager: their
+    in-place power iteration trips the compiled backward). The first steps compile (16-60 s) and
+    a CPU needs a C++ compiler. ``auto``: on a CPU with a compiler, a run long enough (20 min) to
+    pay for the compile measures the compiled path beside the eager ones and keeps it where it is
+    faster (histosynth/autotune.py); held to AVX2, fp32: SNGAN-32 1.2x, CycleGAN at 256 px 0.77x.
+    Eager on CUDA unless ``on``."""
     samples_per_class: int = 8
     """Columns of the sample grid (one row per class, fixed noise)."""
     kid_every: int = 0

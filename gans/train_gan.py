@@ -69,7 +69,8 @@ def train_gan(cfg, out: str | Path, resume: bool = False, overwrite: bool = Fals
         data = _rank0_first(dist, lambda: family.load_data(cfg, progress))
         if dist.main:
             write_provenance(run, family.provenance(cfg, data), resume)
-        rt = Runtime.candidates(t.device, t.amp, t.channels_last, cpu_fast_path=family.cpu_bf16)
+        rt = Runtime.candidates(t.device, t.amp, t.channels_last, cpu_fast_path=family.cpu_bf16,
+                                compile=t.compile)
         summary = engine.train(family.name, cfg, lambda rt: family.build_task(cfg, data, rt), run, rt,
                                seed=t.seed, resume=resume, progress=progress)
         if family.finish is not None and dist.main:

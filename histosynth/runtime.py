@@ -32,13 +32,13 @@ def eval_mode(*modules: torch.nn.Module):
             m.train(mode)
 
 
-def compiled(module: torch.nn.Module, choice: str, key: str = "train.compile") -> Callable:
-    """What a training step calls to run ``module``: the module itself (``off``), or torch.compile's
-    wrapper, which shares its parameters and buffers (``on``); optimizers, EMA and checkpoints keep
-    using the plain module. A module with a parametrization (spectral norm) stays eager: its
-    in-place power-iteration update breaks the compiled backward when it runs twice before one
-    backward (real and fake batches; torch 2.15)."""
-    if choice == "off":
+def compiled(module: torch.nn.Module, on: bool, key: str = "train.compile") -> Callable:
+    """What a training step calls to run ``module``: the module itself, or (``on``: the run's path
+    is compiled, :attr:`Runtime.compiled`) torch.compile's wrapper, which shares its parameters
+    and buffers; optimizers, EMA and checkpoints keep using the plain module. A module with a
+    parametrization (spectral norm) stays eager: its in-place power-iteration update breaks the
+    compiled backward when it runs twice before one backward (real and fake batches; torch 2.15)."""
+    if not on:
         return module
     inductor_cache_per_kernel_level()
     from torch.nn.utils import parametrize
@@ -47,6 +47,16 @@ def compiled(module: torch.nn.Module, choice: str, key: str = "train.compile") -
                       "other networks are compiled", stacklevel=2)
         return module
     return torch.compile(module)
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would call (``$CXX``, else ``c++`` / ``g++`` /
+    ``clang++`` on the PATH), or None: without one, compiled CPU steps cannot run."""
+    import shutil
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
 
 
 HELD_KERNELS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
@@ -117,6 +127,7 @@ class Runtime:
     rank: int = 0                      # data-parallel: this process, of ``world`` (torchrun)
     world: int = 1
     fused_optimizers: bool = True      # off: the plain per-tensor optimizer loop (the benchmarks' reference path)
+    compiled: bool = False             # the training steps run the networks through torch.compile
 
     @property
     def shard(self) -> tuple[int, int]:
@@ -124,37 +135,47 @@ class Runtime:
 
     @classmethod
     def from_choices(cls, device: str = "auto", amp: str = "auto", channels_last: str = "auto",
-                     cpu_fast_path: bool = False) -> "Runtime":
+                     cpu_fast_path: bool = False, compile: str = "off") -> "Runtime":
         """Resolve the config's choices. ``auto`` means: on CUDA, bf16 autocast (where supported)
         and channels_last; on a CPU, the same when ``cpu_fast_path`` (the model family gains from
         it: measured for the GANs, 4x on SNGAN-32 with AMX) and the CPU has native bf16
-        (AMX or AVX-512 BF16), else fp32 NCHW (EfficientNet's depthwise convs are slower in bf16)."""
+        (AMX or AVX-512 BF16), else fp32 NCHW (EfficientNet's depthwise convs are slower in bf16).
+        ``compile``: ``on`` compiles the training steps (a CPU needs a C++ compiler for it);
+        the rule for ``auto`` is eager (on a CPU, :meth:`candidates` adds compiled paths to measure)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
         dev = torch.device(device)
         on_cuda = dev.type == "cuda"
+        if compile == "on" and not on_cuda and cpp_compiler() is None:
+            from histosynth.config import ConfigError
+            raise ConfigError("train.compile", "'on' needs a C++ compiler on a CPU (torch.compile builds its "
+                                               "kernels with one) and none was found ($CXX, c++, g++, clang++): "
+                                               "install one, or choose 'auto' (compiled only where a compiler "
+                                               "exists and it measures faster) or 'off'")
         cpu_fast = not on_cuda and cpu_fast_path and cpu_has_fast_bf16()
         if amp == "auto":
             amp = "bf16" if (on_cuda and torch.cuda.is_bf16_supported()) or cpu_fast else "off"
         cl = (on_cuda or cpu_fast) if channels_last == "auto" else channels_last == "on"
-        return cls(dev, torch.bfloat16 if amp == "bf16" else None, cl)
+        return cls(dev, torch.bfloat16 if amp == "bf16" else None, cl, compiled=compile == "on")
 
     @classmethod
     def candidates(cls, device: str = "auto", amp: str = "auto", channels_last: str = "auto",
-                   cpu_fast_path: bool = False) -> tuple["Runtime", ...]:
+                   cpu_fast_path: bool = False, compile: str = "off") -> tuple["Runtime", ...]:
         """Every path the config's choices admit here, the rule's (:meth:`from_choices`) first. On
-        CUDA, or with both keys set, that is one path; on a CPU an ``auto`` key admits both of its
-        values (bf16 only where the CPU computes it natively: emulated bf16 is ~20x slower), and the
-        engine measures them (:mod:`histosynth.autotune`)."""
-        rule = cls.from_choices(device, amp, channels_last, cpu_fast_path)
+        CUDA, or with every key set, that is one path; on a CPU an ``auto`` key admits both of its
+        values (bf16 only where the CPU computes it natively: emulated bf16 is ~20x slower;
+        compiled only where a C++ compiler exists), and the engine measures them
+        (:mod:`histosynth.autotune`: the compiled twin of the fastest eager path only)."""
+        rule = cls.from_choices(device, amp, channels_last, cpu_fast_path, compile)
         if rule.device.type != "cpu":
             return (rule,)
         amps = [None, torch.bfloat16] if amp == "auto" and cpu_has_fast_bf16() else [rule.amp_dtype]
         layouts = [False, True] if channels_last == "auto" else [rule.channels_last]
-        return (rule, *(cls(rule.device, a, c) for a in amps for c in layouts
-                        if (a, c) != (rule.amp_dtype, rule.channels_last)))
+        comps = [False, True] if compile == "auto" and cpp_compiler() is not None else [rule.compiled]
+        return (rule, *(cls(rule.device, a, c, compiled=k) for k in comps for a in amps for c in layouts
+                        if (a, c, k) != (rule.amp_dtype, rule.channels_last, rule.compiled)))
 
     def optimizer_options(self) -> dict:
         """Keyword arguments for Adam / AdamW: the fused kernel (every parameter in one pass) on
@@ -179,4 +200,5 @@ class Runtime:
 
     def describe(self) -> str:
         amp = {None: "fp32", torch.bfloat16: "bf16 autocast"}[self.amp_dtype]
-        return f"{self.device} | {amp} | {'channels_last' if self.channels_last else 'NCHW'}"
+        return (f"{self.device} | {amp} | {'channels_last' if self.channels_last else 'NCHW'}"
+                + (" | compiled" if self.compiled else ""))

@@ -4,6 +4,7 @@ measuring leaves the run exactly as if it had been given the chosen path."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -19,6 +20,7 @@ from histosynth.runtime import Runtime
 
 NCHW = Runtime.from_choices("cpu", "off", "off")
 CL = Runtime.from_choices("cpu", "off", "on")
+NCHW_C, CL_C = (dataclasses.replace(r, compiled=True) for r in (NCHW, CL))
 
 
 class PathTask:
@@ -105,6 +107,65 @@ def test_the_rule_s_path_stays_unless_another_is_clearly_faster(monkeypatch, cl_
     monkeypatch.setattr(autotune, "_time", lambda task, steps: cl_seconds if task.rt.channels_last else 1.0)
     choice = autotune.choose("toy", PathTask, (NCHW, CL), steps=100_000, force=True)
     assert choice.runtime.describe() == f"cpu | fp32 | {wins}"
+
+
+def test_compile_auto_adds_compiled_paths_only_where_a_compiler_exists(monkeypatch):
+    from histosynth.config import ConfigError
+    monkeypatch.setattr(runtime_mod, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(runtime_mod, "cpp_compiler", lambda: "/usr/bin/c++")
+    c = Runtime.candidates("cpu", "auto", "auto", cpu_fast_path=True, compile="auto")
+    assert [x.describe() for x in c] == ["cpu | fp32 | NCHW", "cpu | fp32 | channels_last",
+                                         "cpu | fp32 | NCHW | compiled", "cpu | fp32 | channels_last | compiled"]
+    assert [x.describe() for x in Runtime.candidates("cpu", "off", "off", compile="on")] == ["cpu | fp32 | NCHW | compiled"]
+    monkeypatch.setattr(runtime_mod, "cpp_compiler", lambda: None)      # no C++ compiler: eager paths only
+    assert not any(x.compiled for x in Runtime.candidates("cpu", "auto", "auto", compile="auto"))
+    with pytest.raises(ConfigError, match=r"train.compile: 'on' needs a C\+\+ compiler.*'auto'"):
+        Runtime.candidates("cpu", "auto", "auto", compile="on")
+
+
+def _compile_timed(compiled_seconds: float):
+    """Step times by path: NCHW 1.0 s, channels_last 0.5 s, compiled channels_last ``compiled_seconds``."""
+    def timed(task, steps):
+        if task.rt.compiled:
+            assert task.rt.channels_last, "only the fastest eager path's compiled twin is tried"
+            return compiled_seconds
+        return 0.5 if task.rt.channels_last else 1.0
+    return timed
+
+
+@pytest.mark.parametrize("compiled_seconds, wins", [(0.3, "cpu | fp32 | channels_last | compiled"),
+                                                     (0.49, "cpu | fp32 | channels_last"),     # within TIE
+                                                     (0.6, "cpu | fp32 | channels_last")])
+def test_the_compiled_twin_of_the_fastest_eager_path_is_measured_and_kept_where_faster(
+        monkeypatch, compiled_seconds, wins):
+    monkeypatch.setattr(autotune, "_time", _compile_timed(compiled_seconds))
+    cands = (NCHW, CL, NCHW_C, CL_C)
+    PathTask.builds = 0
+    choice = autotune.choose("toy", PathTask, cands, steps=100_000)
+    assert choice.runtime.describe() == wins and PathTask.builds == 3     # rule, channels_last, its twin
+    assert set(choice.seconds) == {NCHW.describe(), CL.describe(), CL_C.describe()}
+    assert autotune.Choice(choice.runtime, choice.how).record()["compile"] == ("on" if "compiled" in wins else "off")
+
+
+def test_compiling_is_not_tried_for_a_short_run_and_a_failed_compile_leaves_the_eager_path(monkeypatch):
+    monkeypatch.setattr(autotune, "_time", _compile_timed(0.1))
+    short = autotune.choose("toy", PathTask, (NCHW, CL, NCHW_C, CL_C), steps=1000)       # 500 s at 0.5 s a step
+    assert short.runtime is CL and CL_C.describe() not in short.seconds and "not tried" in short.how
+
+    def failing(rt):
+        if rt.compiled:
+            raise RuntimeError("C++ compile error: cannot find Python.h")
+        return PathTask(rt)
+    failed = autotune.choose("toy", failing, (NCHW, CL, NCHW_C, CL_C), steps=100_000)
+    assert failed.runtime is CL and "compiled path failed (RuntimeError: C++ compile error" in failed.how
+
+
+def test_a_resumed_run_keeps_its_recorded_compile_choice(tmp_path):
+    record = tmp_path / "runtime.json"
+    autotune.write_record(record, autotune.Choice(CL_C, "measured"))
+    assert autotune.recorded(record, (NCHW, CL, NCHW_C, CL_C)) is CL_C
+    autotune.write_record(record, autotune.Choice(CL, "measured"))
+    assert autotune.recorded(record, (NCHW, CL, NCHW_C, CL_C)) is CL
 
 
 def _wider(rt):

@@ -276,11 +276,11 @@ def test_compiled_steps_train_the_same_model(crc_mini, tmp_path):
 def test_compile_wraps_the_step_networks_and_leaves_spectral_norm_eager(crc_mini):
     from torch._dynamo.eval_frame import OptimizedModule
     data = load_data(tiny_config(crc_mini, "dcgan"), progress=False)
-    task = GANTask(tiny_config(crc_mini, "dcgan", **{"train.compile": "on"}), data, Runtime.from_choices("cpu"))
+    task = GANTask(tiny_config(crc_mini, "dcgan"), data, Runtime.from_choices("cpu", compile="on"))
     assert isinstance(task.run_G, OptimizedModule) and isinstance(task.run_D, OptimizedModule)
     assert task.modules["G"] is task.G and not isinstance(task.G, OptimizedModule)
     with pytest.warns(UserWarning, match="spectral norm and stays eager"):
-        task = GANTask(tiny_config(crc_mini, "sngan", **{"train.compile": "on"}), data, Runtime.from_choices("cpu"))
+        task = GANTask(tiny_config(crc_mini, "sngan"), data, Runtime.from_choices("cpu", compile="on"))
     assert isinstance(task.run_G, OptimizedModule) and task.run_D is task.D
     off = GANTask(tiny_config(crc_mini, "dcgan"), data, Runtime.from_choices("cpu"))
     assert off.run_G is off.G and off.run_D is off.D

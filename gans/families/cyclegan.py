@@ -285,8 +285,8 @@ class CycleGANTask:
         self.D_a = rt.prepare(PatchDiscriminator(m.ndf, m.d_layers))
         self.D_b = rt.prepare(PatchDiscriminator(m.ndf, m.d_layers))
         self.modules = {"G_ab": self.G_ab, "G_ba": self.G_ba, "D_a": self.D_a, "D_b": self.D_b}
-        # the steps call these: the modules, or torch.compile's wrappers (train.compile: on)
-        self.run = {n: compiled(m, t.compile) for n, m in self.modules.items()}
+        # the steps call these: the modules, or torch.compile's wrappers (a compiled path)
+        self.run = {n: compiled(m, rt.compiled) for n, m in self.modules.items()}
         fused = rt.optimizer_options()
         self.optimizers = {
             "G": torch.optim.Adam(itertools.chain(self.G_ab.parameters(), self.G_ba.parameters()),

@@ -191,7 +191,7 @@ class Pix2PixTask:
         self.G = rt.prepare(MaskPainter(m.encoder, m.noise))
         self.D = rt.prepare(PatchDiscriminator(m.ndf, m.d_layers, in_ch=4))
         self.modules = {"G": self.G, "D": self.D}
-        self.run = {n: compiled(mod, t.compile) for n, mod in self.modules.items()}
+        self.run = {n: compiled(mod, rt.compiled) for n, mod in self.modules.items()}
         fused = rt.optimizer_options()
         self.optimizers = {"G": torch.optim.Adam(self.G.parameters(), lr=t.lr_g, betas=t.betas, **fused),
                            "D": torch.optim.Adam(self.D.parameters(), lr=t.lr_d, betas=t.betas, **fused)}
