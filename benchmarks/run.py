@@ -25,8 +25,10 @@ ResNet blocks resampling literally -- interpolate / pool, then convolve: what mi
 pytorch-CycleGAN-and-pix2pix run, on the same networks) and histosynth's default
 path on this device: the one the engine chooses by measuring the candidates the shipped ``auto``
 keys admit (fp32 / bf16 where the CPU has it natively, NCHW / channels_last; histosynth/autotune.py),
-measured again here for each network; the ratio is the speed-up. Since the reference-equivalent
-path is one of the candidates, the default is never slower than it, up to timing noise.
+measured again here for each network; the ratio is the speed-up. The paths of one benchmark
+take turns step by step (``_timed_together``), so a host whose speed drifts slows them alike.
+Since the reference-equivalent path is one of the candidates, the default is never slower than
+it, up to timing noise.
 The reference figures quoted in issue 6 (measured on this machine kind) are printed beside them.
 FLOPs per iteration are counted with torch.utils.flop_counter.
 """
@@ -83,6 +85,28 @@ def _median_time(fn, iters: int, rt: Runtime, warmup: int = 1) -> float:
         sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _timed_together(fns: dict, iters: int, runtimes: dict, warmup: dict | None = None) -> dict[str, float]:
+    """Median seconds of ``iters`` timed calls of each of ``fns`` (name -> function), the functions
+    taking turns, in alternating order, after ``warmup[name]`` untimed calls each (default 1): a
+    host whose speed drifts during a run (the same U-Net step measured 0.185 and 0.227 s an hour
+    apart on the shared 2-core machine) then slows every path alike, and their ratio holds.
+    ``runtimes``: name -> the Runtime whose device is synchronised around each call."""
+    for name, fn in fns.items():
+        for _ in range((warmup or {}).get(name, 1)):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for i in range(iters):
+        for name in order if i % 2 == 0 else order[::-1]:
+            sync = _sync(runtimes[name])
+            sync()
+            t = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def _flops(fn) -> int | None:
@@ -152,9 +176,10 @@ def _row(bench: str, path: str, rt: Runtime, s: float, n_img: int, measured: dic
 def section_gans(iters: int) -> list[dict]:
     rows = []
     for family in ("dcgan", "sngan", "wgan_gp"):
-        for path, task, rt, measured in _paths(family, _gan_builder(family, 64, 64, None)):
-            s = _median_time(task.train_step, iters, rt)
-            rows.append(_row(f"{family} 64px b64 iteration", path, rt, s, task.plan.images_per_step, measured,
+        paths = _paths(family, _gan_builder(family, 64, 64, None))
+        s = _timed_together({p: task.train_step for p, task, _, _ in paths}, iters, {p: rt for p, _, rt, _ in paths})
+        for path, task, rt, measured in paths:
+            rows.append(_row(f"{family} 64px b64 iteration", path, rt, s[path], task.plan.images_per_step, measured,
                              flops=_flops(task.train_step)))
     return rows
 
@@ -162,19 +187,25 @@ def section_gans(iters: int) -> list[dict]:
 def section_sngan32(iters: int) -> list[dict]:
     rows = []
     extra = ["train.n_dis=5", "train.diffaugment=''", "loss.type=hinge"]
-    for path, task, rt, measured in _paths("sngan", _gan_builder("sngan", 32, 64, 64, extra), compile=True):
-        warm = 3 if rt.compiled else 1            # compiling: the first calls (grad on / off)
+    paths = _paths("sngan", _gan_builder("sngan", 32, 64, 64, extra), compile=True)
+    runtimes = {p: rt for p, _, rt, _ in paths}
+    warm = {p: 3 if rt.compiled else 1 for p, rt in runtimes.items()}    # compiling: the first calls (grad on / off)
 
-        def d_step():                             # one D update, its real batch drawn as in training
-            task.d_step(*task.real_batch())
+    def d_step(task):                             # one D update, its real batch drawn as in training
+        return lambda: task.d_step(*task.real_batch())
+
+    def g_step(task):
         _, y = task.real_batch()
-        d = _median_time(d_step, iters, rt, warm)
-        g = _median_time(lambda: task.g_step(y), iters, rt, warm)
-        it = _median_time(task.train_step, max(1, iters // 2), rt, 1)       # the real step: 5 D + 1 G
+        return lambda: task.g_step(y)
+    d = _timed_together({p: d_step(task) for p, task, _, _ in paths}, iters, runtimes, warm)
+    g = _timed_together({p: g_step(task) for p, task, _, _ in paths}, iters, runtimes, warm)
+    it = _timed_together({p: task.train_step for p, task, _, _ in paths}, max(1, iters // 2), runtimes)  # 5 D + 1 G
+    for path, task, rt, measured in paths:
         params = {n: sum(p.numel() for p in m.parameters()) for n, m in task.modules.items()}
         fl = _flops(task.train_step)
-        for name, s, n_img, quoted in (("D step", d, 64, "sngan32_d_step"), ("G step", g, 64, "sngan32_g_step"),
-                                       ("iteration (5 D + 1 G)", it, 64 * 5, "sngan32_iteration")):
+        for name, s, n_img, quoted in (("D step", d[path], 64, "sngan32_d_step"),
+                                       ("G step", g[path], 64, "sngan32_g_step"),
+                                       ("iteration (5 D + 1 G)", it[path], 64 * 5, "sngan32_iteration")):
             rows.append(_row(f"SNGAN-32 {name} (G {params['G'] / 1e6:.2f} M, D {params['D'] / 1e6:.2f} M)",
                              path, rt, s, n_img, measured, quoted_reference_s=QUOTED[quoted],
                              flops=fl if name.startswith("iteration") else None))
@@ -199,11 +230,14 @@ def section_cyclegan(iters: int) -> list[dict]:
     for batch, size, quoted in ((1, 256, "cyclegan_b1_256"), (4, 128, "cyclegan_b4_128")):
         cfg = cyclegan_config(batch, size)
         data = load_data(cfg, progress=False)
-        for path, task, rt, measured in _paths("cyclegan", lambda rt: CycleGANTask(cfg, data, rt), compile=True):
-            s = _median_time(task.train_step, iters, rt, 3 if rt.compiled else 1)
-            fl = _flops(task.train_step) if not rt.compiled else rows[-1]["flops"]    # the same arithmetic
-            rows.append(_row(f"CycleGAN resnet_9blocks b{batch} {size}px iteration", path, rt, s, batch, measured,
-                             quoted_reference_s=QUOTED[quoted], flops=fl, flop_per_s=fl / s))
+        paths = _paths("cyclegan", lambda rt: CycleGANTask(cfg, data, rt), compile=True)
+        runtimes = {p: rt for p, _, rt, _ in paths}
+        s = _timed_together({p: task.train_step for p, task, _, _ in paths}, iters, runtimes,
+                            {p: 3 if rt.compiled else 1 for p, rt in runtimes.items()})
+        fl = _flops(paths[0][1].train_step)            # every path computes the same arithmetic
+        for path, task, rt, measured in paths:
+            rows.append(_row(f"CycleGAN resnet_9blocks b{batch} {size}px iteration", path, rt, s[path], batch,
+                             measured, quoted_reference_s=QUOTED[quoted], flops=fl, flop_per_s=fl / s[path]))
     return rows
 
 
@@ -232,14 +266,16 @@ def section_effnet(iters: int) -> list[dict]:
             return ClassifierTask(cfg, data, tiles[:1], np.zeros(1, int), ["a", "b", "c"], rt, seed=0)
         choice = autotune.choose("classifier", build, Runtime.candidates(t.device, t.amp, t.channels_last),
                                  force=True)
-        for path, rt in ((REFERENCE, _reference_runtime()), (DEFAULT, choice.runtime)):
+        runtimes, tasks = {REFERENCE: _reference_runtime(), DEFAULT: choice.runtime}, {}
+        for path, rt in runtimes.items():
             torch.manual_seed(0)
-            task = build(rt)
+            tasks[path] = build(rt)
             if path == REFERENCE:
-                task.model.body.set_swish(memory_efficient=True)    # efficientnet-pytorch's defaults
-                set_same_padding(task.model.body, folded=False)
-            s = _median_time(task.train_step, iters, rt)
-            rows.append(_row(f"EfficientNet-B0 train step b{batch} {size}px", path, rt, s, batch,
+                tasks[path].model.body.set_swish(memory_efficient=True)    # efficientnet-pytorch's defaults
+                set_same_padding(tasks[path].model.body, folded=False)
+        s = _timed_together({p: task.train_step for p, task in tasks.items()}, iters, runtimes)
+        for path, task in tasks.items():
+            rows.append(_row(f"EfficientNet-B0 train step b{batch} {size}px", path, runtimes[path], s[path], batch,
                              choice.seconds if path == DEFAULT else {}, flops=_flops(task.train_step)))
     return rows
 
