@@ -21,16 +21,16 @@ decides between them by timing the task's own ``train_step``:
    cannot pay for itself and the rule's choice stays (not cached);
 6. else every candidate compiled as the rule's is (eager, unless ``train.compile: on``) is built,
    stepped once to warm up and timed over ``TIMED_STEPS`` steps (the best of them; one whose
-   warm-up step alone takes ``SKIP`` times the best so far is
-   not timed further). Where ``train.compile: auto`` admits compiled paths (a CPU with a C++
-   compiler), only the compiled twin of the fastest eager path is tried, and only when the run
-   at that pace would last ``COMPILE_MIN_SECONDS`` (its first steps compile for 16-60 s, in the
-   run as in the measurement); it warms up over ``COMPILE_WARMUP`` steps, and a compile that
-   fails leaves the eager paths, with the reason in the record. Measured held to AVX2 (fp32),
-   compiling pays for SNGAN-32 (11.1 vs 13.3 s an iteration) and not for CycleGAN at 256 px
-   (18.5 vs 14.1 s), so it is measured, not assumed. The fastest wins unless the rule's choice
-   is within ``TIE`` (3 %) of it; the compiled twin must beat its eager path by more than that too. The decision is cached and every measured path's seconds per
-   step go into the run's record.
+   warm-up step alone takes ``SKIP`` times the best so far is not timed further). Where
+   ``train.compile: auto`` admits compiled paths (a CPU with a C++ compiler), only the compiled
+   twin of the fastest eager path is tried, and only when the run at that pace would last
+   ``COMPILE_MIN_SECONDS`` (its first steps compile for 16-60 s, in the run as in the
+   measurement); it warms up over ``COMPILE_WARMUP`` steps, and a compile that fails leaves the
+   eager paths, with the reason in the record. Held to AVX2 (fp32), compiling measured 11.1 vs
+   13.3 s an SNGAN-32 iteration one day and 12.8 vs 13.0 s another, and 0.77x for CycleGAN at
+   256 px, so it is measured, not assumed. The fastest wins unless the rule's choice is within
+   ``TIE`` (3 %) of it, and the compiled twin must beat its eager path by more than that too.
+   The decision is cached and every measured path's seconds per step go into the run's record.
 
 The throw-away tasks run under :func:`torch.random.fork_rng` and draw their batches from their own
 samplers, so the real run starts from exactly the random state it would have had without them:
