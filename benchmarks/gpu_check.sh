@@ -81,7 +81,7 @@ killed_then_resumed() {   # killed_then_resumed RUN CMD...: SIGKILL CMD once RUN
         sleep 0.2
     done
     wait $pid 2>/dev/null
-    $PY gans/train_gan.py --resume "$run" --no-progress
+    $PY -m gans.train_gan --resume "$run" --no-progress
 }
 
 same_weights() {   # same_weights RUN_A RUN_B: the largest difference of any weight in last.pt
@@ -109,18 +109,18 @@ for fam in sngan cyclegan; do
         cfg=cyclegan_cpu
         extra=(--set data.root_a=data/monuseg_demo/train/images --set data.root_b=data/monuseg_demo/test/images)
     fi
-    step "${fam}_${N}" $PY gans/train_gan.py --cfg $cfg --out "$WORK/${fam}_full" --no-progress "${extra[@]}" \
+    step "${fam}_${N}" $PY -m gans.train_gan --cfg $cfg --out "$WORK/${fam}_full" --no-progress "${extra[@]}" \
         --set train.steps=$N --set train.checkpoint_every=$Q --set train.sample_every=$H
-    step "${fam}_killed_then_resumed" killed_then_resumed "$WORK/${fam}_half" $PY gans/train_gan.py --cfg $cfg \
+    step "${fam}_killed_then_resumed" killed_then_resumed "$WORK/${fam}_half" $PY -m gans.train_gan --cfg $cfg \
         --out "$WORK/${fam}_half" --no-progress "${extra[@]}" \
         --set train.steps=$N --set train.checkpoint_every=$Q --set train.sample_every=$H
     echo "- $fam: $(same_weights "$WORK/${fam}_full" "$WORK/${fam}_half" 2>&1 | tail -n 1)" >> "$WORK/resume.txt"
 done
 
-step classifier $PY classifier/train_classifier.py --cfg classifier --out "$WORK/clf" --no-progress
+step classifier $PY -m classifier.train_classifier --cfg classifier --out "$WORK/clf" --no-progress
 [[ -f "$WORK/clf/metrics.json" ]] && cp "$WORK/clf/metrics.json" "$RES/classifier_metrics.json"
 
-step compare_workers2 $PY experiments/augment_compare.py --cfg compare_demo --out "$WORK/cmp" --workers 2 \
+step compare_workers2 $PY -m experiments.augment_compare --cfg compare_demo --out "$WORK/cmp" --workers 2 \
     --no-progress --set "seeds=[0]"
 [[ -f "$WORK/cmp/results.csv" ]] && cp "$WORK/cmp/results.csv" "$RES/compare_results.csv"
 
