@@ -162,10 +162,24 @@ def test_one_augment_name_means_the_same_symmetries_for_the_gans_and_the_classif
     assert len(gan) == count and gan == clf
 
 
+class _KernelSizes(torch.overrides.TorchFunctionMode):
+    """Records the kernel size of every F.conv2d call in the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[tuple[int, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.conv2d:
+            self.sizes.append(tuple(args[1].shape[-2:]))
+        return func(*args, **(kwargs or {}))
+
+
 def test_efficientnet_same_padding_folded_into_the_convolutions_is_the_library_network(crc_mini):
     """The symmetric "same" padding of efficientnet-pytorch's convolutions is their own zero
-    padding (no padded copy): the library's network in value and every gradient, on real tiles
-    (float64); the asymmetric stride-2 paddings stay as the library has them."""
+    padding (no padded copy), and taps that can only meet padding on a small map are skipped:
+    the library's network in value and every gradient, on real tiles (float64); the asymmetric
+    stride-2 paddings stay as the library has them."""
     from efficientnet_pytorch.utils import Conv2dStaticSamePadding
 
     from classifier.model import set_same_padding
@@ -176,14 +190,19 @@ def test_efficientnet_same_padding_folded_into_the_convolutions_is_the_library_n
     model = create_classifier("efficientnet-b0", 3).double().eval()     # eval: BatchNorm's stored statistics
     convs = [m for m in model.modules() if isinstance(m, Conv2dStaticSamePadding)]
     assert sum(tuple(m.padding) != (0, 0) for m in convs) >= 10          # folded by the factory
-    runs = []
+    runs, kernels = [], []
     for folded in (True, False):
         set_same_padding(model.body, folded)
         model.zero_grad()
-        out = model(x)
+        with _KernelSizes() as seen:
+            out = model(x)
         out.square().sum().backward()
         runs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        kernels.append(seen.sizes)
     assert all(tuple(m.padding) == (0, 0) for m in convs)               # unfolded: the library's layers
+    # 64 px tiles end on 2 x 2 maps: folded, the 5 x 5 kernels there run cropped to 3 x 3
+    assert kernels[0].count((5, 5)) < kernels[1].count((5, 5)) and kernels[0].count((3, 3)) > kernels[1].count((3, 3))
+    assert len(kernels[0]) == len(kernels[1])
     (o1, g1), (o2, g2) = runs
     assert torch.allclose(o1, o2, rtol=1e-10, atol=1e-12) and not torch.equal(o1[0], o1[1])
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g1, g2))
