@@ -20,13 +20,13 @@ histology feature space and selection read), ``head`` the logits; inputs are Ima
 
 from __future__ import annotations
 
-import functools
 import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from efficientnet_pytorch.utils import Conv2dStaticSamePadding
 
 from histosynth.checkpoint import CheckpointError, safe_load
 from histosynth.config import ConfigError
@@ -125,28 +125,22 @@ def _raw(variant: str, imagenet: bool) -> tuple[nn.Module, str]:
     return net, ""
 
 
-@functools.cache
-def _folded_same_conv() -> type:
-    """The class, built once (efficientnet-pytorch is imported where it is used)."""
-    from efficientnet_pytorch.utils import Conv2dStaticSamePadding
+class FoldedSameConv(Conv2dStaticSamePadding):
+    """A stride-1 "same" convolution whose zero padding is its own (see :func:`set_same_padding`),
+    run with only the taps that can reach its input: on an H x W map, taps more than H - 1 rows
+    (W - 1 columns) from the kernel's centre only ever multiply padding. EfficientNet at 64 px
+    ends on 2 x 2 maps, where its 5 x 5 depthwise kernels are 3 x 3 in effect; cropped, their
+    backward pass, the slowest of the step, takes 13 instead of 21 ms held to AVX2 (2-core
+    Zen 4, channels_last, batch 64). Value and gradients are the uncropped convolution's: the
+    cropped taps' gradients are exactly zero in both."""
 
-    class FoldedSameConv(Conv2dStaticSamePadding):
-        """A stride-1 "same" convolution whose zero padding is its own (see :func:`set_same_padding`),
-        run with only the taps that can reach its input: on an H x W map, taps more than H - 1 rows
-        (W - 1 columns) from the kernel's centre only ever multiply padding. EfficientNet at 64 px
-        ends on 2 x 2 maps, where its 5 x 5 depthwise kernels are 3 x 3 in effect; cropped, their
-        backward pass, the slowest of the step, takes 13 instead of 21 ms held to AVX2 (2-core
-        Zen 4, channels_last, batch 64). Value and gradients are the uncropped convolution's: the
-        cropped taps' gradients are exactly zero in both."""
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            (kh, kw), (ph, pw) = self.weight.shape[-2:], self.padding
-            ch, cw = max(0, ph - (x.shape[-2] - 1)), max(0, pw - (x.shape[-1] - 1))
-            if not (ch or cw):
-                return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-            return F.conv2d(x, self.weight[..., ch:kh - ch, cw:kw - cw], self.bias, self.stride, (ph - ch, pw - cw),
-                            self.dilation, self.groups)
-    return FoldedSameConv
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (ph, pw) = self.weight.shape[-2:], self.padding
+        ch, cw = max(0, ph - (x.shape[-2] - 1)), max(0, pw - (x.shape[-1] - 1))
+        if not (ch or cw):
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self.weight[..., ch:kh - ch, cw:kw - cw], self.bias, self.stride, (ph - ch, pw - cw),
+                        self.dilation, self.groups)
 
 
 def set_same_padding(net: nn.Module, folded: bool = True) -> None:
@@ -156,9 +150,6 @@ def set_same_padding(net: nn.Module, folded: bool = True) -> None:
     copy of the input, and of its gradient in backward, and taps that can only meet padding on
     a small map are skipped (``FoldedSameConv``). ``folded=False``: the library's layers as they
     come (the benchmarks' reference path). Parameters and state dicts do not change."""
-    from efficientnet_pytorch.utils import Conv2dStaticSamePadding
-
-    folded_cls = _folded_same_conv()
     for m in net.modules():
         if not isinstance(m, Conv2dStaticSamePadding):
             continue
@@ -167,7 +158,7 @@ def set_same_padding(net: nn.Module, folded: bool = True) -> None:
             if left == right and top == bottom:
                 m.padding, m.static_padding = (top, left), nn.Identity()
                 if tuple(m.stride) == (1, 1) and tuple(m.dilation) == (1, 1):
-                    m.__class__ = folded_cls           # the same module, with the cropping forward
+                    m.__class__ = FoldedSameConv       # the same module, with the cropping forward
         elif not folded and tuple(m.padding) != (0, 0):
             (ph, pw), m.padding = m.padding, (0, 0)
             m.static_padding = nn.ZeroPad2d((pw, pw, ph, ph))
