@@ -167,8 +167,8 @@ class TrainConfig:
     in-place power iteration trips the compiled backward). The first steps compile (16-60 s) and
     a CPU needs a C++ compiler. ``auto``: on a CPU with a compiler, a run long enough (20 min) to
     pay for the compile measures the compiled path beside the eager ones and keeps it where it is
-    faster (histosynth/autotune.py); held to AVX2, fp32: SNGAN-32 1.2x, CycleGAN at 256 px 0.77x.
-    Eager on CUDA unless ``on``."""
+    faster (histosynth/autotune.py); held to AVX2, fp32, compiled vs eager: SNGAN-32 1.02-1.2x,
+    CycleGAN at 256 px 0.77-0.82x. Eager on CUDA unless ``on``."""
     samples_per_class: int = 8
     """Columns of the sample grid (one row per class, fixed noise)."""
     kid_every: int = 0
