@@ -75,17 +75,7 @@ def _sync(rt: Runtime):
 
 
 def _median_time(fn, iters: int, rt: Runtime, warmup: int = 1) -> float:
-    sync = _sync(rt)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return _timed_together({0: fn}, iters, {0: rt}, {0: warmup})[0]
 
 
 def _timed_together(fns: dict, iters: int, runtimes: dict, warmup: dict | None = None) -> dict[str, float]:
@@ -236,9 +226,10 @@ def section_cyclegan(iters: int) -> list[dict]:
         fns = {p: task.train_step for p, task, _, _ in paths}
         # the convolution ceiling, timed in the same turns (10 calls a turn: ~1 s), so that the
         # share of it that CycleGAN reaches does not depend on when each was measured
-        convs = _conv_steps(_reference_runtime())
+        conv_rt = _reference_runtime()
+        convs = _conv_steps(conv_rt)
         for i, c in enumerate(convs):
-            fns[i], runtimes[i] = (lambda c=c: [c.step() for _ in range(10)]), _reference_runtime()
+            fns[i], runtimes[i] = (lambda c=c: [c.step() for _ in range(10)]), conv_rt
         s = _timed_together(fns, iters, runtimes, {p: 3 if rt.compiled else 1 for p, rt in runtimes.items()})
         ceiling = max(10 * c.flops / s[i] for i, c in enumerate(convs))
         fl = _flops(paths[0][1].train_step)            # every path computes the same arithmetic

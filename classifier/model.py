@@ -138,7 +138,7 @@ class FoldedSameConv(Conv2dStaticSamePadding):
         (kh, kw), (ph, pw) = self.weight.shape[-2:], self.padding
         ch, cw = max(0, ph - (x.shape[-2] - 1)), max(0, pw - (x.shape[-1] - 1))
         if not (ch or cw):
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return super().forward(x)                 # (its static padding is an Identity once folded)
         return F.conv2d(x, self.weight[..., ch:kh - ch, cw:kw - cw], self.bias, self.stride, (ph - ch, pw - cw),
                         self.dilation, self.groups)
 

@@ -53,10 +53,8 @@ def cpp_compiler() -> str | None:
     """The C++ compiler torch.compile's CPU backend would call (``$CXX``, else ``c++`` / ``g++`` /
     ``clang++`` on the PATH), or None: without one, compiled CPU steps cannot run."""
     import shutil
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    return next((path for name in (os.environ.get("CXX"), "c++", "g++", "clang++")
+                 if name and (path := shutil.which(name))), None)
 
 
 HELD_KERNELS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
