@@ -124,7 +124,7 @@ def _paths(name: str, build, compile: bool = False) -> list[tuple[str, object, R
     fastest eager path too, as ``train.compile: auto`` does for a long run) -- and, with
     ``compile`` where the default is eager, that path compiled (``train.compile: on``: what
     compiling would give). ``build(rt)``: a fresh task on runtime ``rt``."""
-    from gans.layers import set_resampling
+    from gans.layers import set_fused
     from histosynth import autotune
     from histosynth.runtime import cpp_compiler
     ref = _reference_runtime()
@@ -140,9 +140,9 @@ def _paths(name: str, build, compile: bool = False) -> list[tuple[str, object, R
         torch.manual_seed(0)
         torch._dynamo.reset()     # a training run has one shape: no dynamic-shape kernels from the last size
         task = build(rt)
-        if path == REFERENCE:     # the papers' code resamples, then convolves (gans/layers.py)
+        if path == REFERENCE:     # the papers' code resamples, then convolves; one convolution (gans/layers.py)
             for module in task.modules.values():
-                set_resampling(module, fused=False)
+                set_fused(module, fused=False)
         out.append((path, task, rt, choice.seconds if path != REFERENCE else {}))
     return out
 

@@ -50,12 +50,57 @@ def conv3x3_avgpool(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.conv2d(x, _kernel4(conv.weight, _DOWN_TAPS, False) / 4, conv.bias, stride=2, padding=1)
 
 
-def set_resampling(model: nn.Module, fused: bool) -> nn.Module:
-    """Make every ResNet block of ``model`` resample folded into its convolutions (``fused``, the
-    default) or literally as written in the papers' code (interpolate/pool, then convolve): the
+# ----------------------------------------------------------------------------------------------
+# a convolution with a handful of output channels, computed column by column
+#
+# An image generator's last layer (CycleGAN's 7x7 convolution 64 -> 3 at full resolution) gives
+# CPU convolution kernels, which block output channels by 8 or 16, almost nothing to vectorise
+# over: held to AVX2 it ran at 38 GFLOP/s where CycleGAN's 256-channel layers reach 150-180. The
+# same map is a kh x 1 convolution into O x kw channels (kernel column j of output o in channel
+# o * kw + j), whose partial results are summed shifted by j pixels. The multiply-adds are the
+# same; forward + backward, 2-core Zen 4, b1 @ 256 and b4 @ 128: 107-117 -> 60-63 ms fp32 NCHW
+# held to AVX2; natively 105-123 -> 53-62 ms fp32 NCHW, 40-42 -> 22-23 ms bf16 channels_last.
+# Horizontal zero padding is applied before the kh x 1 convolution: passed to it, it sent CPU
+# kernels down a slow path (107 instead of 47 ms).
+
+
+class ColumnConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (the same parameters, state dict and map, up to float rounding) for a stride-1
+    convolution with few output channels, computed on the CPU as kernel columns summed shifted
+    (see above); ``fused = False``, or a CUDA input (not measured there), runs the library's own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if (self.stride, self.dilation, self.groups, self.padding_mode) != ((1, 1), (1, 1), 1, "zeros") \
+                or isinstance(self.padding, str):
+            raise ValueError("ColumnConv2d computes stride-1, undilated, ungrouped convolutions with numeric "
+                             "zero padding only")
+        self.fused = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused or x.device.type != "cpu":
+            return super().forward(x)
+        o, c, kh, kw = self.weight.shape
+        ph, pw = self.padding
+        if pw:
+            x = F.pad(x, (pw, pw))
+        cols = self.weight.permute(0, 3, 1, 2).reshape(o * kw, c, kh, 1)     # channel o * kw + j: column j
+        z = F.conv2d(x, cols, None, 1, (ph, 0))                                # B x O*kw x H' x W'
+        b, _, h, w = z.shape
+        parts = z.view(b, o, kw, h, w).to(torch.promote_types(z.dtype, torch.float32))   # bf16 summed in fp32
+        out = sum(parts[:, :, j, :, j:j + w - kw + 1] for j in range(kw))      # B x O x H' x (W' - kw + 1)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out.to(z.dtype)
+
+
+def set_fused(model: nn.Module, fused: bool) -> nn.Module:
+    """Make every ResNet block of ``model`` resample folded into its convolutions and every
+    :class:`ColumnConv2d` compute by columns (``fused``, the default), or both literally as
+    written in the papers' code (interpolate/pool, then convolve; one convolution): the
     benchmarks' reference-equivalent path computes the latter."""
     for m in model.modules():
-        if isinstance(m, (GBlock, DBlock)):
+        if isinstance(m, (GBlock, DBlock, ColumnConv2d)):
             m.fused = fused
     return model
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn as nn
 
 from gans import create_model, get_family, list_families
 from gans.registry import RESOLUTIONS, adversarial_families
@@ -96,7 +97,7 @@ def test_resampling_folded_into_the_convolutions_is_the_literal_network(family, 
     """The ResNet blocks upsample and pool folded into their 3x3 convolutions (one 4x4 stride-2
     convolution each): the same map as interpolate/pool-then-convolve, in value and gradient, on
     real tiles; only float rounding may differ (float64 here)."""
-    from gans.layers import set_resampling
+    from gans.layers import set_fused
     from histosynth.data import TileCache, to_unit_range
 
     cache = TileCache.build(crc_mini, size, progress=False)
@@ -107,7 +108,7 @@ def test_resampling_folded_into_the_convolutions_is_the_literal_network(family, 
     z = torch.randn(4, 16, dtype=torch.float64)
     runs = []
     for fused in (True, False):
-        set_resampling(G, fused), set_resampling(D, fused)
+        set_fused(G, fused), set_fused(D, fused)
         G.zero_grad(), D.zero_grad()
         G.eval(), D.eval()                # spectral norm uses its stored vectors, the same in both runs
         x = G(z, y)
@@ -118,3 +119,83 @@ def test_resampling_folded_into_the_convolutions_is_the_literal_network(family, 
     assert torch.allclose(x1, x2, atol=1e-12) and torch.allclose(l1, l2, rtol=1e-10, atol=1e-10)
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g1, g2))
     assert not torch.equal(l1[:4], l1[4:])                      # fakes and real tiles differ: a real check
+
+
+class _ConvWeights(torch.overrides.TorchFunctionMode):
+    """Records the weight shape of every F.conv2d call."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.conv2d:
+            self.shapes.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cin, cout, kernel, padding, bias", [
+    (16, 3, 7, 0, True),            # CycleGAN's output layer, after its reflection padding
+    (8, 3, 3, 1, False),
+    (8, 2, (5, 3), (2, 1), True),
+    (4, 1, 4, (0, 2), True),
+])
+def test_column_convolution_is_the_library_convolution(cin, cout, kernel, padding, bias):
+    """ColumnConv2d computes by kernel columns (kh x 1 convolutions summed shifted): the map of
+    nn.Conv2d with the same parameters, in value and gradient (float64), the same state dict."""
+    from gans.layers import ColumnConv2d, set_fused
+
+    torch.manual_seed(0)
+    conv = ColumnConv2d(cin, cout, kernel, padding=padding, bias=bias).double()
+    plain = nn.Conv2d(cin, cout, kernel, padding=padding, bias=bias).double()
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, cin, 21, 18, dtype=torch.float64, requires_grad=True)
+    runs = []
+    for layer in (conv, plain):
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x)
+        y.square().sum().backward()
+        runs.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in layer.parameters()]))
+    (y1, gx1, gp1), (y2, gx2, gp2) = runs
+    assert y1.shape == y2.shape
+    assert torch.allclose(y1, y2, atol=1e-12) and torch.allclose(gx1, gx2, atol=1e-11)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(gp1, gp2))
+    kh, kw = plain.kernel_size
+    with _ConvWeights() as seen:
+        conv(x)
+    assert seen.shapes == [(cout * kw, cin, kh, 1)]                 # the column form ran, not the library's
+    with _ConvWeights() as seen:
+        set_fused(conv, False)(x)
+    assert seen.shapes == [(cout, cin, kh, kw)]
+
+
+def test_cyclegan_generator_by_columns_is_the_literal_network(crc_mini):
+    """CycleGAN's generator with its 7x7 output layer by columns equals the literal network on
+    real tiles, in value and gradient (float64), and in bf16 autocast keeps the library's dtype
+    and values up to bf16 rounding."""
+    from gans.families.cyclegan import ResnetGenerator
+    from gans.layers import set_fused
+    from histosynth.data import TileCache, to_unit_range
+
+    cache = TileCache.build(crc_mini, 64, progress=False)
+    real = to_unit_range(torch.from_numpy(cache.images[:3].copy()))
+    torch.manual_seed(0)
+    G = ResnetGenerator(ngf=8, n_blocks=2).double()
+    runs = []
+    for fused in (True, False):
+        set_fused(G, fused).zero_grad()
+        y = G(real.double())
+        y.square().sum().backward()
+        runs.append((y.detach(), [p.grad.clone() for p in G.parameters()]))
+    (y1, g1), (y2, g2) = runs
+    assert torch.allclose(y1, y2, atol=1e-12)
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g1, g2))
+    assert y1.std() > 0.01                                          # a real image out, not a constant
+    G = G.float()
+    outs = []
+    for fused in (True, False):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            outs.append(set_fused(G, fused)(real))
+    assert outs[0].dtype == outs[1].dtype
+    assert (outs[0].float() - outs[1].float()).abs().max() < 0.05

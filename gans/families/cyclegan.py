@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gans.config import TrainConfig, image_to_image_train
+from gans.layers import ColumnConv2d
 from gans.registry import Family
 from histosynth import config as configlib
 from histosynth.checkpoint import sha256_file
@@ -164,7 +165,7 @@ class ResnetGenerator(nn.Module):
             layers += [nn.ConvTranspose2d(c, c // 2, 3, 2, 1, output_padding=1),
                        nn.InstanceNorm2d(c // 2), nn.ReLU(True)]
             c //= 2
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(c, 3, 7), nn.Tanh()]
+        layers += [nn.ReflectionPad2d(3), ColumnConv2d(c, 3, 7), nn.Tanh()]    # gans/layers.py: ~1.8x on CPUs
         self.net = nn.Sequential(*layers)
         self.apply(_init_normal)
 
