@@ -78,17 +78,30 @@ def inductor_cache_per_kernel_level() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}-{level}"
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Does this CPU compute bf16 natively (Intel AMX tiles or AVX-512 BF16), and may torch use it?
-    ``ATEN_CPU_CAPABILITY=avx2`` or ``ONEDNN_MAX_CPU_ISA=AVX2`` hold torch to AVX2 kernels (as on
-    most laptops and AMD EPYC): bf16 is then emulated and slower than fp32, so the answer is no."""
+def _onednn_isa_allows(*prefixes: str) -> bool:
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    if not (isa == "ALL" or isa.startswith("AVX512_CORE_BF16") or isa.startswith("AVX512_CORE_AMX")
-            or isa.startswith("AVX10")):
+    return isa == "ALL" or isa.startswith(prefixes)
+
+
+def cpu_kernels_avx512() -> bool:
+    """May torch's CPU kernels, ATen's and oneDNN's, use AVX-512 here? No on AVX2-only CPUs (most
+    laptops, many AMD EPYC) and when ``ATEN_CPU_CAPABILITY=avx2`` or ``ONEDNN_MAX_CPU_ISA=AVX2``
+    hold a bigger CPU to AVX2 kernels."""
+    if not _onednn_isa_allows("AVX512", "AVX10"):
         return False
     try:
-        if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
-            return False
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Does this CPU compute bf16 natively (Intel AMX tiles or AVX-512 BF16), and may torch use it?
+    Held to AVX2 kernels (see :func:`cpu_kernels_avx512`) bf16 is emulated and slower than fp32,
+    so the answer is no."""
+    if not (cpu_kernels_avx512() and _onednn_isa_allows("AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX10")):
+        return False
+    try:
         return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except (AttributeError, RuntimeError):
         return False

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from classifier.augment import POLICIES, build_augment
@@ -162,6 +163,37 @@ def test_one_augment_name_means_the_same_symmetries_for_the_gans_and_the_classif
     assert len(gan) == count and gan == clf
 
 
+@pytest.mark.parametrize("h, w, k, bias, channels_last", [
+    (2, 2, 3, True, True), (2, 2, 3, False, False), (1, 1, 5, True, True), (2, 1, 3, True, True),
+    (1, 4, 5, False, True)])
+def test_depthwise_convolution_as_sums_is_the_library_convolution(h, w, k, bias, channels_last):
+    """A depthwise "same" convolution on a map of at most 4 pixels as sums over its pixels equals
+    F.conv2d in value and in the gradients of input, weight and bias (float64), in the input's layout."""
+    from classifier.model import depthwise_by_sums
+
+    torch.manual_seed(0)
+    c = 6
+    x = torch.randn(3, c, h, w, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = torch.randn(c, 1, k, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True) if bias else None
+    runs = []
+    for f in (depthwise_by_sums, lambda x, wt, bb: F.conv2d(x, wt, bb, 1, k // 2, 1, c)):
+        x.grad = weight.grad = None
+        y = f(x, weight, b)
+        (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        runs.append((y.detach(), x.grad.clone(), weight.grad.clone(), b.grad.clone() if bias else None))
+        if bias:
+            b.grad = None
+    (y1, gx1, gw1, gb1), (y2, gx2, gw2, gb2) = runs
+    assert y1.shape == y2.shape == x.shape
+    assert y1.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.allclose(y1, y2, atol=1e-12) and torch.allclose(gx1, gx2, atol=1e-11)
+    assert torch.allclose(gw1, gw2, atol=1e-10) and (not bias or torch.allclose(gb1, gb2, atol=1e-10))
+
+
 class _KernelSizes(torch.overrides.TorchFunctionMode):
     """Records the kernel size of every F.conv2d call in the block."""
 
@@ -175,15 +207,21 @@ class _KernelSizes(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_efficientnet_same_padding_folded_into_the_convolutions_is_the_library_network(crc_mini):
+@pytest.mark.parametrize("avx512", [True, False])
+def test_efficientnet_same_padding_folded_into_the_convolutions_is_the_library_network(crc_mini, avx512,
+                                                                                      monkeypatch):
     """The symmetric "same" padding of efficientnet-pytorch's convolutions is their own zero
-    padding (no padded copy), and taps that can only meet padding on a small map are skipped:
-    the library's network in value and every gradient, on real tiles (float64); the asymmetric
-    stride-2 paddings stay as the library has them."""
+    padding (no padded copy), taps that can only meet padding on a small map are skipped, and
+    without AVX-512 kernels the depthwise convolutions on 2 x 2 maps run as sums: the library's
+    network in value and every gradient, on real tiles (float64); the asymmetric stride-2
+    paddings stay as the library has them."""
     from efficientnet_pytorch.utils import Conv2dStaticSamePadding
 
+    import classifier.model
     from classifier.model import set_same_padding
     from histosynth.data import normalise
+
+    monkeypatch.setattr(classifier.model, "cpu_kernels_avx512", lambda: avx512)
 
     x = normalise(torch.from_numpy(TileCache.build(crc_mini, 64, progress=False).images[:4].copy())).double()
     torch.manual_seed(0)
@@ -200,9 +238,13 @@ def test_efficientnet_same_padding_folded_into_the_convolutions_is_the_library_n
         runs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
         kernels.append(seen.sizes)
     assert all(tuple(m.padding) == (0, 0) for m in convs)               # unfolded: the library's layers
-    # 64 px tiles end on 2 x 2 maps: folded, the 5 x 5 kernels there run cropped to 3 x 3
-    assert kernels[0].count((5, 5)) < kernels[1].count((5, 5)) and kernels[0].count((3, 3)) > kernels[1].count((3, 3))
-    assert len(kernels[0]) == len(kernels[1])
+    if avx512:   # 64 px tiles end on 2 x 2 maps: folded, the 5 x 5 kernels there run cropped to 3 x 3
+        assert kernels[0].count((5, 5)) < kernels[1].count((5, 5))
+        assert kernels[0].count((3, 3)) > kernels[1].count((3, 3))
+        assert len(kernels[0]) == len(kernels[1])
+    else:        # the last stage's 4 depthwise convolutions on 2 x 2 maps (3 cropped 5 x 5, one 3 x 3) as sums
+        assert len(kernels[1]) - len(kernels[0]) == 4
+        assert kernels[1].count((5, 5)) - kernels[0].count((5, 5)) == 3
     (o1, g1), (o2, g2) = runs
     assert torch.allclose(o1, o2, rtol=1e-10, atol=1e-12) and not torch.equal(o1[0], o1[1])
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g1, g2))
