@@ -319,12 +319,14 @@ class Inputs:
         return StainNormaliser.from_file(method, self.reference)
 
     def get(self, method: str = "none") -> tuple[dict, dict]:
-        """(split -> data, synthetic key -> (data, {"root": folder})) preprocessed by ``method``."""
+        """(split -> data, synthetic key -> (data, {"root": folder})) preprocessed by ``method``;
+        of the synthetic sets, those that arms preprocessed by ``method`` draw from."""
         if method not in self._by_method:
             stain = self.stain(method)
             caches = {s: load_split(self.cfg, root, s, self.progress, stain) for s, root in self.split_roots.items()}
+            drawn = {source_key(a) for a in self.cfg.arms if a.stain_norm == method and a.synthetic.source != "none"}
             sources = {k: (load_split(self.cfg, root, "synthetic", self.progress, stain), {"root": root})
-                       for k, root in self.source_roots.items()}
+                       for k, root in self.source_roots.items() if k in drawn}
             self._by_method[method] = caches, sources
         return self._by_method[method]
 

@@ -266,9 +266,17 @@ FAST = ["downstream.model.tile_size=128", "downstream.model.image_size=64", "dow
         "model.ndf=8, train.device=cpu]"]
 
 
-def test_segmentation_compare_runs_every_arm_kind_on_unseen_pairs(pairs, tmp_path):
+def test_segmentation_compare_runs_every_arm_kind_on_unseen_pairs(pairs, tmp_path, monkeypatch):
     """The shipped config, pointed at pairs it has never seen through --set only: real, classic,
-    stain-normalised, synthetic and filtered synthetic arms; AJI/PQ from the test instance maps."""
+    stain-normalised, synthetic and filtered synthetic arms; AJI/PQ from the test instance maps.
+    Only what an arm uses is stain-normalised: the splits, not the synthetic sets."""
+    import experiments.augment_compare as ac
+
+    loads, load_split = [], ac.load_split
+    def recorded(cfg, root, role, progress, stain=None):
+        loads.append((role, stain is not None))
+        return load_split(cfg, root, role, progress, stain)
+    monkeypatch.setattr(ac, "load_split", recorded)
     cfg = configlib.load(CompareConfig, "compare_monuseg", [f"data.root={pairs}", "seeds=[0]", *FAST])[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -293,3 +301,5 @@ def test_segmentation_compare_runs_every_arm_kind_on_unseen_pairs(pairs, tmp_pat
     assert "test images" in s["verdict"] and "minority" not in s
     md = (out / "report.md").read_text()
     assert "| stain_norm | flip_rot90 | macenko |" in md and "Synthetic pairs of pix2pix" in md
+    assert {("train", True), ("val", True), ("test", True), ("synthetic", False)} <= set(loads)
+    assert ("synthetic", True) not in loads
