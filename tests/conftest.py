@@ -94,6 +94,24 @@ def trained_run(tmp_path_factory, crc_mini) -> Path:
     return out
 
 
+def conv_weight_shapes():
+    """A context manager (a TorchFunctionMode) that records the weight shape of every F.conv2d
+    call made inside it, in ``.shapes``: which kernels a layer actually ran."""
+    import torch
+
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes: list[tuple[int, ...]] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.conv2d:
+                self.shapes.append(tuple(args[1].shape))
+            return func(*args, **(kwargs or {}))
+
+    return Recorder()
+
+
 def assert_same_state(a: dict, b: dict) -> None:
     """Two checkpoints hold bit-identical weights, EMA, optimizer and scheduler state."""
     import torch

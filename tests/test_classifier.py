@@ -16,6 +16,7 @@ from histosynth import config as configlib
 from histosynth.checkpoint import CheckpointError, safe_load
 from histosynth.data import TileCache
 from histosynth.engine import RunDir
+from conftest import conv_weight_shapes
 
 
 def test_metrics_equal_sklearn_and_hand_computed_values():
@@ -194,19 +195,6 @@ def test_depthwise_convolution_as_sums_is_the_library_convolution(h, w, k, bias,
     assert torch.allclose(gw1, gw2, atol=1e-10) and (not bias or torch.allclose(gb1, gb2, atol=1e-10))
 
 
-class _KernelSizes(torch.overrides.TorchFunctionMode):
-    """Records the kernel size of every F.conv2d call in the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes: list[tuple[int, int]] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.nn.functional.conv2d:
-            self.sizes.append(tuple(args[1].shape[-2:]))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("avx512", [True, False])
 def test_efficientnet_same_padding_folded_into_the_convolutions_is_the_library_network(crc_mini, avx512,
                                                                                       monkeypatch):
@@ -232,11 +220,11 @@ def test_efficientnet_same_padding_folded_into_the_convolutions_is_the_library_n
     for folded in (True, False):
         set_same_padding(model.body, folded)
         model.zero_grad()
-        with _KernelSizes() as seen:
+        with conv_weight_shapes() as seen:
             out = model(x)
         out.square().sum().backward()
         runs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-        kernels.append(seen.sizes)
+        kernels.append([shape[-2:] for shape in seen.shapes])
     assert all(tuple(m.padding) == (0, 0) for m in convs)               # unfolded: the library's layers
     if avx512:   # 64 px tiles end on 2 x 2 maps: folded, the 5 x 5 kernels there run cropped to 3 x 3
         assert kernels[0].count((5, 5)) < kernels[1].count((5, 5))

@@ -7,6 +7,7 @@ import torch.nn as nn
 from gans import create_model, get_family, list_families
 from gans.registry import RESOLUTIONS, adversarial_families
 from histosynth.config import ConfigError
+from conftest import conv_weight_shapes
 
 
 def test_registry_lists_the_families():
@@ -121,19 +122,6 @@ def test_resampling_folded_into_the_convolutions_is_the_literal_network(family, 
     assert not torch.equal(l1[:4], l1[4:])                      # fakes and real tiles differ: a real check
 
 
-class _ConvWeights(torch.overrides.TorchFunctionMode):
-    """Records the weight shape of every F.conv2d call."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.nn.functional.conv2d:
-            self.shapes.append(tuple(args[1].shape))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("cin, cout, kernel, padding, bias", [
     (16, 3, 7, 0, True),            # CycleGAN's output layer, after its reflection padding
     (8, 3, 3, 1, False),
@@ -162,10 +150,10 @@ def test_column_convolution_is_the_library_convolution(cin, cout, kernel, paddin
     assert torch.allclose(y1, y2, atol=1e-12) and torch.allclose(gx1, gx2, atol=1e-11)
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(gp1, gp2))
     kh, kw = plain.kernel_size
-    with _ConvWeights() as seen:
+    with conv_weight_shapes() as seen:
         conv(x)
     assert seen.shapes == [(cout * kw, cin, kh, 1)]                 # the column form ran, not the library's
-    with _ConvWeights() as seen:
+    with conv_weight_shapes() as seen:
         set_fused(conv, False)(x)
     assert seen.shapes == [(cout, cin, kh, kw)]
 
