@@ -135,7 +135,8 @@ class FoldedSameConv(Conv2dStaticSamePadding):
     ends on 2 x 2 maps, where its 5 x 5 depthwise kernels are 3 x 3 in effect; cropped, their
     backward pass, the slowest of the step, takes 13 instead of 21 ms held to AVX2 (2-core
     Zen 4, channels_last, batch 64). Value and gradients are the uncropped convolution's: the
-    cropped taps' gradients are exactly zero in both."""
+    cropped taps' gradients are exactly zero in both. Without AVX-512 kernels a depthwise one on
+    a map of at most ``SUM_PIXELS`` pixels runs as sums over them (:func:`depthwise_by_sums`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (kh, kw), (ph, pw) = self.weight.shape[-2:], self.padding

@@ -180,14 +180,14 @@ def test_depthwise_convolution_as_sums_is_the_library_convolution(h, w, k, bias,
     x.requires_grad_()
     weight = torch.randn(c, 1, k, k, dtype=torch.float64, requires_grad=True)
     b = torch.randn(c, dtype=torch.float64, requires_grad=True) if bias else None
+    leaves = [t for t in (x, weight, b) if t is not None]
     runs = []
     for f in (depthwise_by_sums, lambda x, wt, bb: F.conv2d(x, wt, bb, 1, k // 2, 1, c)):
-        x.grad = weight.grad = None
+        for t in leaves:
+            t.grad = None
         y = f(x, weight, b)
         (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
         runs.append((y.detach(), x.grad.clone(), weight.grad.clone(), b.grad.clone() if bias else None))
-        if bias:
-            b.grad = None
     (y1, gx1, gw1, gb1), (y2, gx2, gw2, gb2) = runs
     assert y1.shape == y2.shape == x.shape
     assert y1.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
