@@ -49,6 +49,53 @@ def compiled(module: torch.nn.Module, on: bool, key: str = "train.compile") -> C
     return torch.compile(module)
 
 
+def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the eval-mode ``model`` for prediction, each BatchNorm that only a convolution
+    feeds folded into that convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``; the BatchNorm
+    becomes an identity). The pairs are read from torch.fx's graph of the model, or of each part
+    that torch.fx can trace where the whole has data-dependent control flow (smp's FPN, Linknet,
+    ...); the modules keep their classes and attributes. The same predictions up to rounding,
+    ~10-12 % faster: a resnet18 U-Net on a 1024 px image, 2 Zen 4 cores, 470 -> 412 ms bf16 and
+    950 -> 850 ms fp32 held to AVX2."""
+    if model.training:
+        raise ValueError("fold_batchnorm needs a model in eval mode (a training BatchNorm uses the batch's statistics)")
+    import copy
+    model = copy.deepcopy(model)
+    _fold_into(model)
+    return model
+
+
+def _fold_into(module: torch.nn.Module) -> None:
+    from torch.fx import symbolic_trace
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if not any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules()):
+        return
+    try:
+        graph = symbolic_trace(module).graph
+    except (ValueError, RuntimeError, TypeError):   # TraceError (control flow on values), len() of a proxy: part by part
+        for child in module.children():
+            _fold_into(child)
+        return
+    calls = [n for n in graph.nodes if n.op == "call_module"]
+    once = {t for t in (n.target for n in calls) if sum(c.target == t for c in calls) == 1}   # not shared
+    parts = dict(module.named_modules())
+    for bn_node in calls:
+        conv_node = bn_node.args[0] if bn_node.args else None
+        bn = parts[bn_node.target]
+        if (isinstance(bn, torch.nn.BatchNorm2d) and bn.track_running_stats and bn_node.target in once
+                and isinstance(conv_node, torch.fx.Node) and conv_node.op == "call_module"
+                and conv_node.target in once and len(conv_node.users) == 1
+                and isinstance(parts[conv_node.target], torch.nn.Conv2d)):
+            _replace(module, conv_node.target, fuse_conv_bn_eval(parts[conv_node.target], bn))
+            _replace(module, bn_node.target, torch.nn.Identity())
+
+
+def _replace(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
 def cpp_compiler() -> str | None:
     """The C++ compiler torch.compile's CPU backend would call (``$CXX``, else ``c++`` / ``g++`` /
     ``clang++`` on the PATH), or None: without one, compiled CPU steps cannot run."""

@@ -94,22 +94,34 @@ def trained_run(tmp_path_factory, crc_mini) -> Path:
     return out
 
 
-def conv_weight_shapes():
-    """A context manager (a TorchFunctionMode) that records the weight shape of every F.conv2d
-    call made inside it, in ``.shapes``: which kernels a layer actually ran."""
+def calls_of(function):
+    """A context manager (a TorchFunctionMode) that records the arguments of every call of the
+    torch ``function`` made inside it, in ``.calls``: which kernels a model actually ran."""
     import torch
 
     class Recorder(torch.overrides.TorchFunctionMode):
         def __init__(self):
             super().__init__()
-            self.shapes: list[tuple[int, ...]] = []
+            self.calls: list[tuple] = []
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is torch.nn.functional.conv2d:
-                self.shapes.append(tuple(args[1].shape))
+            if func is function:
+                self.calls.append(args)
             return func(*args, **(kwargs or {}))
 
+        @property
+        def shapes(self) -> list[tuple[int, ...]]:
+            """The shape of each call's second argument (for F.conv2d: the weight)."""
+            return [tuple(a[1].shape) for a in self.calls]
+
     return Recorder()
+
+
+def conv_weight_shapes():
+    """:func:`calls_of` ``F.conv2d``: its ``.shapes`` are the weight shapes the layers ran."""
+    import torch
+
+    return calls_of(torch.nn.functional.conv2d)
 
 
 def assert_same_state(a: dict, b: dict) -> None:

@@ -20,6 +20,8 @@ from experiments.splits import resolve_splits
 from histosynth import config as configlib
 from histosynth.config import PROJECT_ROOT
 from histosynth.images import DataError, SkippedFilesWarning
+from conftest import calls_of
+from segmentation.config import ARCHS
 from segmentation.data import PairsLayout, load_pairs, read_mask, tile_starts
 from segmentation.masks import MaskDrawer
 from segmentation.metrics import aji, dice_iou, panoptic_quality, segmentation_metrics
@@ -132,16 +134,64 @@ def test_tiles_predicted_in_batches_equal_one_at_a_time():
 
     torch.manual_seed(0)
     net = create_segmenter(SegmenterModelConfig(decoder_channels=[32, 16, 16, 8, 8], image_size=64, tile_size=64))
+    _trained_batchnorm(net)
     rt = Runtime.from_choices("cpu", "off", "off")
     tiles = load_pairs(DEMO / "train", 64, progress=False).images[:11]          # 11 real 64 px tiles
     whole = load_pairs(DEMO / "test", None, progress=False).images[0]           # 384 px
     images = [*tiles[:5], whole, *tiles[5:], whole[:, :80, :80]]
-    got = predict_images(net, images, rt, window=256)
-    alone = [predict_image(net.eval(), im, rt, window=256) for im in images]
+    with calls_of(torch.nn.functional.batch_norm) as seen:
+        got = predict_images(net, images, rt, window=256)       # BatchNorms folded into the convolutions
+    assert not seen.calls and net.training                      # (on a copy: the model is as it was)
+    with calls_of(torch.nn.functional.batch_norm) as seen:
+        alone = [predict_image(net.eval(), im, rt, window=256) for im in images]
+    assert len(seen.calls) >= 30 * len(images)                   # 30 BatchNorms a pass, a pass or more an image
     assert [g.shape for g in got] == [a.shape for a in alone] == [np.shape(im)[1:] for im in images]
     for g, a in zip(got, alone):
         np.testing.assert_allclose(g, a, atol=1e-5)
     assert 0.0 < got[0].min() < got[0].max() < 1.0
+
+
+def _trained_batchnorm(net) -> None:
+    """Running statistics and affine parameters as training leaves them, not the identity."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t, lo, hi in ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0), (m.weight.data, 0.5, 1.5),
+                              (m.bias.data, -0.2, 0.2)):
+                t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folded_batchnorm_predicts_what_the_model_predicts(arch):
+    """fold_batchnorm on every architecture: the copy computes what the model computes (float64),
+    with its BatchNorms folded into the convolutions (all of a U-Net's; smp's FPN, Linknet, ...
+    cannot be traced whole and are folded part by part); the model is left as it was, and a
+    model in training mode is refused."""
+    import torch
+
+    from histosynth.runtime import fold_batchnorm
+    from segmentation.config import DECODER_ARCHS, SegmenterModelConfig
+    from segmentation.model import create_segmenter
+
+    torch.manual_seed(0)
+    net = create_segmenter(SegmenterModelConfig(arch=arch, image_size=64, tile_size=64,
+                                                decoder_channels=None if arch not in DECODER_ARCHS else [32, 16, 16, 8, 8]))
+    _trained_batchnorm(net)
+    net = net.double().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = fold_batchnorm(net)
+    count = [sum(isinstance(m, torch.nn.BatchNorm2d) for m in n.modules()) for n in (net, folded)]
+    assert type(folded) is type(net) and count[1] < count[0] / 2 and (arch != "Unet" or count[1] == 0)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = net(x), folded(x)
+    assert want.std() > 0.01
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(net.train())
 
 
 def test_demo_pairs_load_as_tiles_and_whole_images():
@@ -253,6 +303,27 @@ def test_pix2pix_run_generates_verifiable_pairs(tmp_path):
     src = json.loads((tmp_path / "a" / "source.json").read_text())
     assert src["family"] == "pix2pix" and len(src["train_files_sha256"]) == 24     # 12 images + 12 masks
     assert (tmp_path / "a" / "preview.png").is_file()
+
+    # the painter runs with its BatchNorms folded into the convolutions, and paints what G paints
+    import torch
+
+    from gans.families.pix2pix import MaskPainter
+    from gans.registry import load_run
+    from histosynth.engine import module_state
+    from histosynth.roles import PairGenerator
+    from histosynth.runtime import Runtime
+
+    trained, ck, _ = load_run(tmp_path / "run", PairGenerator)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trained.G.modules())
+    trained.rt = Runtime.from_choices("cpu", "off", "off")       # fp32 (bf16 where native would round apart)
+    folded, masks = trained.sample_pairs([5, 6, 7])
+    G = MaskPainter(cfg.model.encoder, cfg.model.noise)
+    G.load_state_dict(module_state(ck, "G"))
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in G.modules()) > 10
+    trained.G = trained.rt.prepare(G.eval())
+    plain, same_masks = trained.sample_pairs([5, 6, 7])
+    assert torch.equal(masks, same_masks) and plain.float().std() > 5
+    assert (folded.int() - plain.int()).abs().max() <= 1 and (folded == plain).float().mean() > 0.99
 
 
 # ----------------------------------------------------------------------------------------------

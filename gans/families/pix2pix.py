@@ -39,7 +39,7 @@ from histosynth.data import BatchSampler, cache_dir_of, flip_rot90, random_crop,
 from histosynth.engine import module_state, require_divisible
 from histosynth.paths import resolve_data_path
 from histosynth.roles import Grid, PairGenerator
-from histosynth.runtime import Runtime, compiled, eval_mode
+from histosynth.runtime import Runtime, compiled, eval_mode, fold_batchnorm
 from segmentation.data import PairSet, load_pairs
 from segmentation.masks import METHODS, MaskDrawer
 from segmentation.model import unet_inference_runtime
@@ -283,7 +283,7 @@ class Pix2PixPairs:
     pairs, a multiple of 32; default: data.tile_size)."""
 
     def __init__(self, G: MaskPainter, bank: np.ndarray, image_size: int, masks: str, rt: Runtime, batch: int = 16):
-        self.G, self.drawer, self.image_size, self.masks = rt.prepare(G), MaskDrawer(bank), image_size, masks
+        self.G, self.drawer, self.image_size, self.masks = rt.prepare(fold_batchnorm(G)), MaskDrawer(bank), image_size, masks
         self.rt, self.batch = rt, batch
 
     @torch.no_grad()
