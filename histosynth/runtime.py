@@ -55,8 +55,8 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     becomes an identity). The pairs are read from torch.fx's graph of the model, or of each part
     that torch.fx can trace where the whole has data-dependent control flow (smp's FPN, Linknet,
     ...); the modules keep their classes and attributes. The same predictions up to rounding,
-    ~10-12 % faster: a resnet18 U-Net on a 1024 px image, 2 Zen 4 cores, 470 -> 412 ms bf16 and
-    950 -> 850 ms fp32 held to AVX2."""
+    faster: compare_monuseg's U-Net predicting the 14 MoNuSeg test images (1000 px) on 2 Zen 4
+    cores, 5.94 -> 5.61 s in bf16 and 11.96 -> 10.63 s in fp32 held to AVX2 (in turns)."""
     if model.training:
         raise ValueError("fold_batchnorm needs a model in eval mode (a training BatchNorm uses the batch's statistics)")
     import copy
@@ -73,7 +73,7 @@ def _fold_into(module: torch.nn.Module) -> None:
         return
     try:
         graph = symbolic_trace(module).graph
-    except (ValueError, RuntimeError, TypeError):   # TraceError (control flow on values), len() of a proxy: part by part
+    except (ValueError, RuntimeError, TypeError):   # TraceError (control flow on values), len(proxy): by parts
         for child in module.children():
             _fold_into(child)
         return

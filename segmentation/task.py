@@ -113,7 +113,7 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, rt: Runtime, window
 def predict_images(model: torch.nn.Module, images: Sequence[np.ndarray], rt: Runtime,
                    window: int = 1024) -> list[np.ndarray]:
     """:func:`predict_image` of each image, by a copy of ``model`` with its BatchNorms folded into
-    the convolutions (:func:`~histosynth.runtime.fold_batchnorm`: ~10 % of a whole-image
+    the convolutions (:func:`~histosynth.runtime.fold_batchnorm`: 6-11 % of a whole-image
     prediction); runs of same-sized images within one window (tiles, synthetic pairs) go through
     the network together, ``BATCH_PIXELS`` at a time (on 2 Zen 4 cores, bf16: 23 instead of 32 ms
     per 256 px tile; the same probabilities as one at a time)."""

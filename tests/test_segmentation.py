@@ -176,8 +176,8 @@ def test_folded_batchnorm_predicts_what_the_model_predicts(arch):
     from segmentation.model import create_segmenter
 
     torch.manual_seed(0)
-    net = create_segmenter(SegmenterModelConfig(arch=arch, image_size=64, tile_size=64,
-                                                decoder_channels=None if arch not in DECODER_ARCHS else [32, 16, 16, 8, 8]))
+    widths = [32, 16, 16, 8, 8] if arch in DECODER_ARCHS else None
+    net = create_segmenter(SegmenterModelConfig(arch=arch, image_size=64, tile_size=64, decoder_channels=widths))
     _trained_batchnorm(net)
     net = net.double().eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}

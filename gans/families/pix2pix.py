@@ -283,8 +283,8 @@ class Pix2PixPairs:
     pairs, a multiple of 32; default: data.tile_size)."""
 
     def __init__(self, G: MaskPainter, bank: np.ndarray, image_size: int, masks: str, rt: Runtime, batch: int = 16):
-        self.G, self.drawer, self.image_size, self.masks = rt.prepare(fold_batchnorm(G)), MaskDrawer(bank), image_size, masks
-        self.rt, self.batch = rt, batch
+        self.G = rt.prepare(fold_batchnorm(G))            # eval-mode painter: BatchNorms folded
+        self.drawer, self.image_size, self.masks, self.rt, self.batch = MaskDrawer(bank), image_size, masks, rt, batch
 
     @torch.no_grad()
     def sample_pairs(self, seeds: Sequence[int], **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
