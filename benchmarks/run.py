@@ -15,6 +15,8 @@ them and the others are kept. Everything runs on a fresh clone (bundled data onl
 * ``cyclegan``  junyanz's shape (resnet_9blocks G x2, 70x70 PatchGAN x2, ngf = ndf = 64, LSGAN,
                 identity 0.5, pool 50): batch 1 at 256 px and batch 4 at 128 px
 * ``effnet``    EfficientNet-B0 training steps (efficientnet-pytorch): batch 16 at 224, 64 at 64
+* ``segmentation``  compare_monuseg's U-Net: its training step, and a whole 1000 px image predicted
+                (BatchNorm as trained and folded into the convolutions)
 * ``data``      decoding a folder into the tile cache, tensor flips/rot90, albumentations 'classic'
 * ``scale``     time and peak memory against the number of tiles (``--scale 1000 10000 100000``):
                 gan-generate (PNG + sha256 per tile), then piq-report of that set
@@ -279,6 +281,57 @@ def section_effnet(iters: int) -> list[dict]:
     return rows
 
 
+def section_segmentation(iters: int) -> list[dict]:
+    """compare_monuseg.yaml's U-Net, the two costs of its cells: the training step
+    (SegmentationTask.train_step on crops of the bundled MoNuSeg demo tiles), reference-equivalent
+    path against the measured default; and one whole 1000 px image predicted (predict_image) on the
+    reference-equivalent path, on the prediction path with the BatchNorms as trained, and on the
+    prediction path with them folded into the convolutions, as predict_images runs it (the folding,
+    once per call of predict_images, is not timed)."""
+    import copy
+
+    import numpy as np
+    from experiments.config import CompareConfig
+    from histosynth import autotune
+    from histosynth import config as configlib
+    from histosynth.runtime import fold_batchnorm
+    from segmentation.data import load_pairs
+    from segmentation.task import PairDataset, SegmentationTask, predict_image, segmenter_runtime
+
+    cfg = configlib.load(CompareConfig, "compare_monuseg.yaml", [])[0].downstream
+    m, t = cfg.model, cfg.train
+    demo = ROOT / "data" / "monuseg_demo"
+    pairs = load_pairs(demo / "train", m.tile_size, 1, None, None, False)
+    data = PairDataset(pairs.images, pairs.masks, "flip_rot90", m.image_size, 0)
+
+    def build(rt):
+        return SegmentationTask(cfg, data, None, None, rt, 0)
+    choice = autotune.choose("segmenter", build, segmenter_runtime(cfg, candidates=True), force=True)
+    runtimes, tasks = {REFERENCE: _reference_runtime(), DEFAULT: choice.runtime}, {}
+    for path, rt in runtimes.items():
+        torch.manual_seed(0)
+        tasks[path] = build(rt)
+    s = _timed_together({p: task.train_step for p, task in tasks.items()}, iters, runtimes)
+    net = f"U-Net ({m.encoder}, decoder {'/'.join(map(str, m.decoder_channels or ['smp']))})"
+    rows = [_row(f"{net} train step b{t.batch_size} {m.image_size}px", path, runtimes[path], s[path], t.batch_size,
+                 choice.seconds if path == DEFAULT else {}, flops=_flops(task.train_step))
+            for path, task in tasks.items()]
+
+    image = load_pairs(demo / "test", None, 1, None, None, False).images[0]            # 3 x 384 x 384
+    image = np.pad(image, ((0, 0), (308, 308), (308, 308)), mode="reflect")          # 1000 px, as MoNuSeg's
+    trained = copy.deepcopy(tasks[DEFAULT].model).eval()
+    predict = segmenter_runtime(cfg, inference=True)
+    unfolded = "prediction path, BatchNorm as trained"
+    runtimes = {REFERENCE: _reference_runtime(), unfolded: predict, DEFAULT: predict}
+    models = {REFERENCE: runtimes[REFERENCE].prepare(copy.deepcopy(trained).float()),
+              unfolded: predict.prepare(copy.deepcopy(trained)), DEFAULT: predict.prepare(fold_batchnorm(trained))}
+    calls = {p: (lambda p=p: predict_image(models[p], image, runtimes[p], cfg.eval.window)) for p in models}
+    s = _timed_together(calls, iters, runtimes)
+    rows += [_row(f"{net} whole {image.shape[1]}px image predicted", path, runtimes[path], s[path], 1, {},
+                  flops=_flops(calls[path])) for path in calls]
+    return rows
+
+
 def section_data(iters: int) -> list[dict]:
     import numpy as np
     from classifier.augment import build_augment
@@ -415,7 +468,7 @@ def section_conv(iters: int) -> list[dict]:
 
 
 SECTIONS = {"conv": section_conv, "gans": section_gans, "sngan32": section_sngan32, "cyclegan": section_cyclegan,
-            "effnet": section_effnet, "data": section_data, "scale": section_scale,
+            "effnet": section_effnet, "segmentation": section_segmentation, "data": section_data, "scale": section_scale,
             "metrics": section_metrics}
 
 
