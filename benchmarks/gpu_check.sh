@@ -8,7 +8,7 @@
 #                                                     # lacks, as wheels into .whl/
 #
 # On the GPU machine, .whl/*.whl (if present) are installed into /tmp/site first. Then:
-#   1. benchmarks/run.py --sections conv sngan32 cyclegan effnet: fp32 eager vs the default path
+#   1. benchmarks/run.py --sections conv sngan32 cyclegan effnet segmentation: fp32 eager vs the default path
 #      (CUDA bf16 autocast, channels_last, fused Adam) vs train.compile, with MFU against the
 #      device's dense bf16 peak
 #   2. SNGAN, 200 steps, uninterrupted and SIGKILLed past step 100 then resumed (train-gan
@@ -101,7 +101,7 @@ print(f"resumed vs uninterrupted: max |weight difference| = {diff:.3g}")
 EOF
 }
 
-step benchmarks $PY benchmarks/run.py --sections conv sngan32 cyclegan effnet --iters 10 --out "$RES"
+step benchmarks $PY benchmarks/run.py --sections conv sngan32 cyclegan effnet segmentation --iters 10 --out "$RES"
 
 for fam in sngan cyclegan; do
     cfg=$fam; extra=()
