@@ -323,7 +323,7 @@ def section_segmentation(iters: int) -> list[dict]:
     predict = segmenter_runtime(cfg, inference=True)
     unfolded = "prediction path, BatchNorm as trained"
     runtimes = {REFERENCE: _reference_runtime(), unfolded: predict, DEFAULT: predict}
-    models = {REFERENCE: runtimes[REFERENCE].prepare(copy.deepcopy(trained).float()),
+    models = {REFERENCE: runtimes[REFERENCE].prepare(copy.deepcopy(trained)),
               unfolded: predict.prepare(copy.deepcopy(trained)), DEFAULT: predict.prepare(fold_batchnorm(trained))}
     calls = {p: (lambda p=p: predict_image(models[p], image, runtimes[p], cfg.eval.window)) for p in models}
     s = _timed_together(calls, iters, runtimes)
